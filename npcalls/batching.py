@@ -1,0 +1,106 @@
+"""Batch semantics: putting a batch in bucket order and grouping repeated Call-IDs.
+
+A batch must behave exactly like the same single operations in order, so a
+Call-ID that occurs several times in one batch is one *group*, and only its
+first occurrence (in batch order) that carries a value may change the row.
+
+Writers sort each batch by the high 32 bits of its tags: that order is the
+home-bucket order (bucket = hi32 * nbuckets >> 32), which the placement needs
+and which turns the table accesses of the batch into one forward sweep.  The
+sort is an LSD radix sort of two stable 16-bit passes (numpy radix-sorts
+16-bit keys in linear time), about 3x faster than a comparison sort of the
+64-bit tags.  Being stable, it keeps the occurrences of one key in batch order.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .probe import rows_equal
+
+__all__ = ["bucket_order", "Groups", "group_sorted"]
+
+_U = np.uint64
+
+
+def bucket_order(tags: np.ndarray) -> np.ndarray:
+    """A stable permutation sorting ``tags`` by their high 32 bits."""
+    lo = (tags >> _U(32)).astype(np.uint16)
+    order = np.argsort(lo, kind="stable")
+    hi = (tags[order] >> _U(48)).astype(np.uint16)
+    return order[np.argsort(hi, kind="stable")]
+
+
+class Groups(NamedTuple):
+    """The distinct keys of a batch already in bucket order.
+
+    Attributes
+    ----------
+    order : numpy.ndarray
+        Permutation of the batch such that occurrences of one key are
+        contiguous and in batch order, and groups are in bucket order.
+    group : numpy.ndarray
+        Group number (0..g-1, ascending) of each row of the *sorted* batch.
+    first : numpy.ndarray
+        Sorted-batch position of the first row of each group.
+    """
+
+    order: np.ndarray
+    group: np.ndarray
+    first: np.ndarray
+
+
+def group_sorted(tag: np.ndarray, keyq: np.ndarray) -> Groups:
+    """Order a batch by bucket and group equal keys.
+
+    Parameters
+    ----------
+    tag : numpy.ndarray
+        uint64 tags (n,).
+    keyq : numpy.ndarray
+        Padded keys as uint64 lanes (n, k).
+    """
+    n = len(tag)
+    order = bucket_order(tag)
+    if n < 2:
+        return Groups(order, np.zeros(n, np.int64), np.zeros(min(n, 1), np.int64))
+    ts = tag[order]
+    hi = ts >> _U(32)
+    same_hi = hi[1:] == hi[:-1]
+    cand = np.flatnonzero(same_hi)
+    newgroup = np.ones(n, bool)
+    if len(cand):
+        a, b = order[cand], order[cand + 1]
+        eq = (ts[cand] == ts[cand + 1]) & rows_equal(keyq[a], keyq[b])
+        if not eq.all():
+            # A run of equal hi32 holds several distinct keys (a 32-bit
+            # coincidence, ~n**2 / 2**33 of them per batch): reorder each such
+            # run so that equal keys become neighbours, keeping batch order.
+            order = _regroup_mixed_runs(order, tag, keyq, same_hi, cand[~eq])
+            ts = tag[order]
+            a, b = order[cand], order[cand + 1]
+            eq = (ts[cand] == ts[cand + 1]) & rows_equal(keyq[a], keyq[b])
+        newgroup[cand + 1] = ~eq
+    group = np.cumsum(newgroup) - 1
+    return Groups(order, group, np.flatnonzero(newgroup))
+
+
+def _regroup_mixed_runs(order: np.ndarray, tag: np.ndarray, keyq: np.ndarray,
+                        same_hi: np.ndarray, mixed_pairs: np.ndarray) -> np.ndarray:
+    order = order.copy()
+    run_start = np.flatnonzero(np.r_[True, ~same_hi])          # start of every equal-hi32 run
+    run_of_pair = np.searchsorted(run_start, mixed_pairs, side="right") - 1
+    run_end = np.r_[run_start[1:], len(order)]
+    for r in np.unique(run_of_pair):
+        lo, hi = int(run_start[r]), int(run_end[r])
+        members = order[lo:hi]                                  # batch order within the run
+        first_seen: dict[bytes, int] = {}
+        keyed = []
+        for rank, p in enumerate(members):
+            k = keyq[p].tobytes()
+            keyed.append((first_seen.setdefault(k, rank), rank, p))
+        keyed.sort()
+        order[lo:hi] = [p for _, _, p in keyed]
+    return order

@@ -1,0 +1,355 @@
+"""Vectorized open addressing over a mapped table: batch lookup and batch placement.
+
+The table (docs/format.md) is an array of ``nbuckets`` buckets of 8 slots.  A
+key's *home bucket* is ``(tag >> 32) * nbuckets >> 32`` (multiply-shift range
+reduction: no modulo, any bucket count, and monotonic in the tag, which the
+batch placement relies on).  A key lives in its home bucket or, if that bucket
+was full when the key was inserted, in one of the following buckets (linear
+probing over buckets, wrapping at the end).
+
+The invariant that makes lookups stop early and deletes cheap:
+
+    A bucket that holds an EMPTY slot has never been full since the table
+    was built, so no key was ever pushed past it.
+
+Hence a lookup stops at the first bucket that holds its key or an EMPTY slot,
+and a delete from a bucket that still holds an EMPTY slot may make the slot
+EMPTY again; only a delete from a full bucket leaves a TOMBSTONE (which
+lookups walk past and inserts reuse).  Buckets never regain an EMPTY slot
+otherwise, so the invariant is kept by induction.
+
+A *round* of a batch operation looks at one bucket for every pending key at
+once: one gather of 64-byte tag lines, an 8-wide compare, a gather of the
+candidate rows.  With 8-slot buckets nearly every key resolves in its home
+bucket; the benchmark prints the rounds each batch took.
+
+Row writes follow the seqlock protocol that lets readers go lock-free:
+``seq`` becomes odd, then the payload is written, then the tag is published,
+then ``seq`` becomes even.  x86-64 keeps stores in program order and loads in
+program order (TSO), and each step is a separate numpy call, so a reader that
+reads ``seq``, the row, then ``seq`` again and sees the same even value has
+read a row no writer touched in between.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from .layout import BUCKET, EMPTY, NOT_SET, TOMBSTONE, W
+from .storage import Mapping
+
+__all__ = ["home_bucket", "home_bucket_one", "lookup", "place", "Found", "rows_equal"]
+
+_U = np.uint64
+_ONE = _U(1)
+_WSEQ_INDEX = W["wseq"]
+
+
+def home_bucket(tags: np.ndarray, nbuckets: int) -> np.ndarray:
+    """Home bucket of each tag (int64 array)."""
+    return ((tags >> _U(32)) * _U(nbuckets) >> _U(32)).astype(np.int64)
+
+
+def home_bucket_one(tag: int, nbuckets: int) -> int:
+    """Home bucket of one tag."""
+    return ((tag >> 32) * nbuckets) >> 32
+
+
+def _bool_words(mask8: np.ndarray) -> np.ndarray:
+    """View an (m, 8) boolean matrix as m uint64 words (byte j = column j, 0x01 if True)."""
+    return np.ascontiguousarray(mask8).view(_U).reshape(len(mask8))
+
+
+def _byte_index(words: np.ndarray) -> np.ndarray:
+    """Index (0..7) of the lowest nonzero byte of each nonzero word from :func:`_bool_words`."""
+    low = words & (~words + _ONE)                  # lowest set bit: a power of two
+    _, exp = np.frexp(low.astype(np.float64))      # exact: low == 2 ** (exp - 1)
+    return ((exp - 1) >> 3).astype(np.int64)
+
+
+_BYTES1 = _U(0x0101010101010101)
+_HIGH = _U(0x8080808080808080)
+
+
+def _nth_byte_index(words: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Index of the n-th (0-based) nonzero byte of each word from :func:`_bool_words`.
+
+    SWAR: multiplying by 0x0101..01 turns the 0/1 bytes into their running
+    sums (at most 8, so no carries); the n-th set byte sits after exactly the
+    bytes whose running sum is <= n, which a bytewise compare and a popcount count.
+    """
+    prefix = words * _BYTES1
+    le = ((n.astype(_U) * _BYTES1) | _HIGH) - prefix     # high bit of byte k: n >= prefix[k]
+    return np.bitwise_count(le & _HIGH).astype(np.int64)
+
+
+def rows_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise equality of two (m, k) uint64 matrices."""
+    ne = a != b
+    if ne.shape[1] % 8 == 0:
+        w = ne.view(_U)                            # 8 booleans per word: one compare per 64 bytes
+        return (w[:, 0] == 0) if w.shape[1] == 1 else ~w.any(axis=1)
+    return ~ne.any(axis=1)
+
+
+class Found(NamedTuple):
+    """Result of :func:`lookup`: per key its slot (-1 if absent) and, if asked, its times."""
+
+    slot: np.ndarray
+    start: np.ndarray | None
+    end: np.ndarray | None
+    rounds: int
+
+
+_FOUND, _NOT_HERE, _RETRY = 1, 0, 2
+
+
+def row_is_stable(s2: np.ndarray, w1: int, dead_w: int | None) -> np.ndarray:
+    """Which rows, read after a header ``wseq`` of ``w1``, are certainly untorn.
+
+    Row versions are taken from the header's writer sequence: an operation
+    that starts when ``wseq == w`` marks the rows it touches ``w + 1`` (odd)
+    and then ``w + 2``.  So a row whose version, read *after* its payload, is
+    even and at most ``w1`` was last changed by an operation that had finished
+    before the reader read ``w1``, hence before it read the row.  Any other
+    row is re-read.  This needs one read of the version per row, after the
+    payload, instead of the classic seqlock's two.
+    """
+    ok = ((s2 & _ONE) == 0) & (s2 <= _U(w1))
+    if dead_w is not None:
+        ok |= s2 == _U(dead_w)      # left odd by a writer that died: readable as is
+    return ok
+
+
+def lookup(m: Mapping, tag: np.ndarray, keyq: np.ndarray, *, consistent: bool,
+           want_rows: bool, stuck_ok: Callable[[], bool] | None = None,
+           key_index: np.ndarray | None = None) -> Found:
+    """Find many keys at once.
+
+    Parameters
+    ----------
+    m : Mapping
+        The mapped table.
+    tag : numpy.ndarray
+        uint64 tags of the keys, shape (n,).
+    keyq : numpy.ndarray
+        The keys' padded fields as uint64 lanes, shape (n, key_field // 8), or
+        a larger batch indexed by ``key_index``.
+    consistent : bool
+        True for lock-free readers: rows a writer may be changing are re-read
+        (:func:`row_is_stable`).  A writer holding the lock passes False.
+    want_rows : bool
+        Also return the start/end of found rows.
+    stuck_ok : callable, optional
+        Asked when rows stay mid-write for a while: True if the writer that
+        left them is dead (its rows are then read as they are, which is safe
+        because a write publishes its fields in an order that keeps a
+        half-done row self-consistent; see docs/format.md).
+    key_index : numpy.ndarray, optional
+        Row of ``keyq`` holding the key of each tag (default: the same row).
+        Keys are compared only for tag hits, so this saves copying a whole
+        batch of keys into a new order.
+    """
+    n = len(tag)
+    nb = m.geometry.nbuckets
+    slot = np.full(n, -1, np.int64)
+    start = np.full(n, NOT_SET, np.int64) if want_rows else None
+    end = np.full(n, NOT_SET, np.int64) if want_rows else None
+    b = home_bucket(tag, nb)
+    steps = np.zeros(n, np.int64)
+    pend = np.arange(n)
+    tags2d, rowq, seqcol, q = m.tags2d, m.rowq, m.seqcol, m.q
+    w_index = _WSEQ_INDEX
+    rounds = 0
+    retry_since = 0.0
+    dead_w: int | None = None
+    while len(pend):
+        rounds += 1
+        w1 = q[w_index] if consistent else 0      # read before any tag or row of this round
+        bb = b[pend] if rounds > 1 or n != len(pend) else b
+        blk = np.take(tags2d, bb, axis=0)
+        eqw = _bool_words(blk == (tag[pend] if rounds > 1 else tag)[:, None])
+        has_empty = _bool_words(blk == EMPTY) != 0
+        status = np.zeros(len(pend), np.int8)
+        hit = np.flatnonzero(eqw)
+        if len(hit):
+            w = eqw[hit]
+            multi = (w & (w - _ONE)) != 0          # two equal tags in one bucket: 2**-64 rare
+            if multi.any():
+                for i in hit[multi]:
+                    p = int(pend[i])
+                    status[i] = _scan_bucket(m, p, int(bb[i]), int(tag[p]),
+                                             keyq[p if key_index is None else key_index[p]],
+                                             slot, start, end, consistent, dead_w)
+                hit, w = hit[~multi], w[~multi]
+            s = bb[hit] * BUCKET + _byte_index(w)
+            k = pend[hit]
+            rw = np.take(rowq, s, axis=0)
+            if consistent:
+                stable = row_is_stable(seqcol[s], w1, dead_w)
+                if not stable.all():
+                    now = time.monotonic()
+                    if not retry_since:
+                        retry_since = now
+                    elif now - retry_since > 0.05:
+                        if stuck_ok is not None and w1 & 1 and stuck_ok():
+                            dead_w = int(w1)
+                        else:
+                            time.sleep(0.001)      # a live writer is mid-batch: let it run
+                    status[hit[~stable]] = _RETRY
+                    hit, s, k, rw = hit[stable], s[stable], k[stable], rw[stable]
+            same = rows_equal(rw[:, 3:], keyq[k if key_index is None else key_index[k]])
+            slot[k[same]] = s[same]
+            if want_rows:
+                start[k[same]] = rw[same, 1].view(np.int64)
+                end[k[same]] = rw[same, 2].view(np.int64)
+            status[hit[same]] = _FOUND
+        not_here = status == _NOT_HERE
+        done = (status == _FOUND) | (not_here & has_empty)
+        walk = not_here & ~has_empty
+        adv = pend[walk]
+        if len(adv):
+            b[adv] += 1
+            b[adv[b[adv] == nb]] = 0
+            steps[adv] += 1
+            # a key that has walked every bucket is absent (a table with no EMPTY slot left)
+            done[walk] = steps[adv] >= nb
+        pend = pend[~done]
+    return Found(slot, start, end, rounds)
+
+
+def _scan_bucket(m: Mapping, i: int, bucket: int, tag: int, want: np.ndarray, slot, start, end,
+                 consistent: bool, dead_w: int | None) -> int:
+    """Slow path for a bucket holding several slots with the key's tag (classic seqlock)."""
+    busy = False
+    for j in range(BUCKET):
+        s = bucket * BUCKET + j
+        if int(m.tags[s]) != tag:
+            continue
+        s1 = int(m.seqcol[s])
+        row = m.rowq[s].copy()
+        s2 = int(m.seqcol[s])
+        if consistent and (s1 != s2 or (s1 & 1 and s1 != dead_w)):
+            busy = True
+            continue
+        if np.array_equal(row[3:], want):
+            slot[i] = s
+            if start is not None:
+                start[i] = row[1:2].view(np.int64)[0]
+                end[i] = row[2:3].view(np.int64)[0]
+            return _FOUND
+    return _RETRY if busy else _NOT_HERE
+
+
+def write_rows(m: Mapping, s: np.ndarray, tag: np.ndarray, fields: np.ndarray,
+               start: np.ndarray, end: np.ndarray, seq_odd: int) -> None:
+    """Write complete rows into free slots ``s`` and publish them (seqlock order).
+
+    Field by field rather than as whole rows: building whole rows first would
+    copy every key once more.
+    """
+    seq = m.seqcol
+    rowq = m.rowq
+    seq[s] = seq_odd                     # 1. the rows are being written
+    rowq[s, 1] = start.view(_U)          # 2. payload
+    rowq[s, 2] = end.view(_U)
+    m.rows["key"][s] = fields
+    m.tags[s] = tag                      # 3. publish
+    seq[s] = seq_odd + 1                 # 4. stable again
+
+
+def set_field(m: Mapping, s: np.ndarray, column: int, values: np.ndarray, seq_odd: int) -> None:
+    """Overwrite start (column 1) or end (column 2) of existing rows, seqlock order."""
+    m.seqcol[s] = seq_odd
+    m.rowq[s, column] = values.view(_U)
+    m.seqcol[s] = seq_odd + 1
+
+
+def place(m: Mapping, tag: np.ndarray, fields: np.ndarray, key_index: np.ndarray,
+          start: np.ndarray, end: np.ndarray, seq_odd: int) -> tuple[np.ndarray, int, int]:
+    """Insert distinct absent keys, given in bucket order (sorted by tag >> 32).
+
+    Each round, the keys aiming at one bucket are ranked in order and the
+    r-th of them takes the bucket's r-th free slot (EMPTY or TOMBSTONE); those
+    beyond the free slots move on to the next bucket, which they may do only
+    because the bucket is now full (the invariant above).  Rows are written and
+    published round by round, so each round sees the slots the previous took.
+
+    Parameters
+    ----------
+    tag, start, end : numpy.ndarray
+        One entry per key to insert.
+    fields, key_index : numpy.ndarray
+        The keys are ``fields[key_index]`` (``S{key_field}``).
+
+    Returns
+    -------
+    slots : numpy.ndarray
+        Slot of each key.
+    rounds : int
+        Rounds taken (the longest distance any key was pushed, plus one).
+    reused : int
+        Tombstones the new rows replaced.
+    """
+    n = len(tag)
+    nb = m.geometry.nbuckets
+    slots = np.empty(n, np.int64)
+    b = home_bucket(tag, nb)
+    pend = np.arange(n)
+    rounds = 0
+    reused = 0
+    while len(pend):
+        rounds += 1
+        if rounds > nb:
+            raise RuntimeError("no free slot left in the table (corrupt counts?)")
+        bb = b[pend] if rounds > 1 else b
+        blk = np.take(m.tags2d, bb, axis=0)
+        fw = _bool_words(blk < 2)                  # free: EMPTY or TOMBSTONE
+        nfree = np.bitwise_count(fw).astype(np.int64)
+        mlen = len(pend)
+        idx = np.arange(mlen)
+        newrun = np.ones(mlen, bool)
+        newrun[1:] = bb[1:] != bb[:-1]
+        rank = idx - np.maximum.accumulate(np.where(newrun, idx, 0))
+        ok = rank < nfree
+        allok = bool(ok.all())
+        j = _nth_byte_index(fw if allok else fw[ok], rank if allok else rank[ok])
+        okb = bb if allok else bb[ok]
+        s = okb * BUCKET + j
+        reused += int(np.count_nonzero(np.take(m.tags, s) == TOMBSTONE))
+        k = pend if allok else pend[ok]
+        write_rows(m, s, tag[k], fields[key_index[k]], start[k], end[k], seq_odd)
+        slots[k] = s
+        if allok:
+            break
+        pend = pend[~ok]
+        b[pend] += 1
+        b[pend[b[pend] == nb]] = 0
+    return slots, rounds, reused
+
+
+def remove_slots(m: Mapping, s: np.ndarray, seq_odd: int) -> int:
+    """Free distinct live slots; returns how many became TOMBSTONE (the rest became EMPTY).
+
+    The tag change happens inside an odd-seq window like every other change,
+    so a snapshot that copied the row while it was removed notices.
+    """
+    buckets = s // BUCKET
+    blk = np.take(m.tags2d, buckets, axis=0)
+    has_empty = _bool_words(blk == EMPTY) != 0
+    m.seqcol[s] = seq_odd
+    m.tags[s] = np.where(has_empty, _U(EMPTY), _U(TOMBSTONE))
+    m.seqcol[s] = seq_odd + 1
+    return int(np.count_nonzero(~has_empty))
+
+
+def probe_lengths(m: Mapping) -> np.ndarray:
+    """For every live slot, how many buckets a lookup of its key visits (1 = home bucket)."""
+    tags = m.tags
+    live = np.flatnonzero(tags >= 2)
+    nb = m.geometry.nbuckets
+    home = home_bucket(tags[live], nb)
+    return (live // BUCKET - home) % nb + 1

@@ -1,0 +1,247 @@
+"""Table files: where they live, how they are created, validated and mapped.
+
+Creation is atomic: the file is built complete under a temporary name
+(O_EXCL, mode set explicitly, space reserved with posix_fallocate) and then
+hard-linked into place, which fails if anything, a symlink included, already
+holds the name.  So another process sees either no table or a whole one, never
+a half-written header, and a full /dev/shm is an ENOSPC error at create time
+instead of a SIGBUS at some later write.
+
+Opening checks that the path is a regular file (not following a symlink),
+reads the header with ordinary reads, validates every field against the file
+size (:func:`npcalls.layout.parse_header`) and only then maps the file, so a
+truncated, foreign or hostile file is a :class:`FormatError`, never a fault.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+import secrets
+import stat
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import FormatError, NpcallsError, TableExistsError, TableNotFoundError
+from .layout import BUCKET, HEADER_SIZE, Geometry, W, pack_header, parse_header, row_dtype
+
+__all__ = ["resolve", "shm_dir", "Mapping", "build_temp", "link_into_place", "open_mapping",
+           "remove_files", "same_file", "stale_temp_files"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
+
+
+def shm_dir() -> str:
+    """Directory for tables given by bare name: $NPCALLS_DIR, else /dev/shm."""
+    return os.environ.get("NPCALLS_DIR") or "/dev/shm"
+
+
+def resolve(name_or_path: str | os.PathLike) -> tuple[str, str]:
+    """Map a table name or path to ``(data file, lock file)``.
+
+    A bare name (no ``/``) such as ``"calls"`` lives in shared memory as
+    ``/dev/shm/npcalls.calls``; anything containing a ``/`` is used as a path
+    (a table on disk outlives reboots).  The lock file is the data file's
+    path plus ``.lock``.
+    """
+    s = os.fspath(name_or_path)
+    if isinstance(s, bytes):
+        s = os.fsdecode(s)
+    if not s:
+        raise ValueError("table name is empty")
+    if "/" in s:
+        path = s
+    else:
+        if not _NAME.match(s):
+            raise ValueError(f"invalid table name {s!r}: use letters, digits, '_', '.', '-' "
+                             "(not starting with '.' or '-'), or give a path containing '/'")
+        path = os.path.join(shm_dir(), "npcalls." + s)
+    return path, path + ".lock"
+
+
+@dataclass(eq=False)
+class Mapping:
+    """One mapped table file and the numpy/memoryview windows onto it."""
+
+    path: str
+    geometry: Geometry
+    fd: int
+    mm: mmap.mmap
+    inode: tuple[int, int]
+    readonly: bool
+
+    def __post_init__(self) -> None:
+        g = self.geometry
+        self.mv = memoryview(self.mm)
+        self.q = self.mv.cast("Q")          # uint64 words: header, tags, seq
+        self.qi = self.mv.cast("q")         # int64 words: start, end
+        self.tags = np.frombuffer(self.mm, np.uint64, g.capacity, g.tags_offset)
+        self.tags2d = self.tags.reshape(g.nbuckets, BUCKET)
+        self.rows = np.frombuffer(self.mm, row_dtype(g.key_field), g.capacity, g.rows_offset)
+        self.rowq = np.frombuffer(self.mm, np.uint64, g.capacity * g.row_size // 8,
+                                  g.rows_offset).reshape(g.capacity, g.row_size // 8)
+        self.rowv = np.frombuffer(self.mm, np.dtype((np.void, g.row_size)), g.capacity,
+                                  g.rows_offset)
+        self.seqcol = self.rowq[:, 0]
+        self.tag_word0 = g.tags_offset // 8
+        self.row_word0 = g.rows_offset // 8
+        self.row_words = g.row_size // 8
+
+    def word(self, name: str) -> int:
+        return self.q[W[name]]
+
+    def close(self) -> None:
+        """Release every view, then the mapping and the descriptor."""
+        for attr in ("tags", "tags2d", "rows", "rowq", "rowv", "seqcol"):
+            self.__dict__.pop(attr, None)
+        for attr in ("qi", "q", "mv"):
+            v = self.__dict__.pop(attr, None)
+            if v is not None:
+                v.release()
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes when it does
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _no_follow_error(path: str) -> NpcallsError:
+    return NpcallsError(f"{path} is a symbolic link; npcalls never follows links to table "
+                        "files (a link in world-writable /dev/shm could redirect writes)")
+
+
+def build_temp(path: str, g: Geometry, mode: int) -> str:
+    """Create a complete, empty table file under a temporary name beside ``path``.
+
+    The caller publishes it with :func:`link_into_place` (create) or
+    ``os.rename`` (rebuild), or unlinks it.
+    """
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise TableNotFoundError(errno.ENOENT, f"directory {d} does not exist", d)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.new-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask must not weaken or widen what the caller asked for
+        try:
+            os.posix_fallocate(fd, 0, g.file_size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EFBIG):
+                raise NpcallsError(
+                    f"cannot reserve {g.file_size / 2**20:.1f} MiB for table {path}: "
+                    f"{os.strerror(e.errno)} (free space in {d}, or choose a smaller capacity)"
+                ) from None
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                os.ftruncate(fd, g.file_size)   # a filesystem without fallocate
+            else:
+                raise
+        os.pwrite(fd, pack_header(g), 0)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def link_into_place(tmp: str, path: str) -> None:
+    """Give the finished file ``tmp`` the name ``path``, failing if the name is taken."""
+    try:
+        os.link(tmp, path)   # unlike rename, link never replaces: O_EXCL for a whole file
+    except FileExistsError:
+        if os.path.islink(path):
+            raise _no_follow_error(path) from None
+        raise TableExistsError(errno.EEXIST, f"table {path} already exists", path) from None
+    finally:
+        _unlink_quietly(tmp)
+
+
+def _unlink_quietly(p: str) -> None:
+    try:
+        os.unlink(p)
+    except FileNotFoundError:
+        pass
+
+
+def open_mapping(path: str, readonly: bool) -> Mapping:
+    """Open, validate and map a table file."""
+    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise TableNotFoundError(errno.ENOENT, f"no table at {path}", path) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _no_follow_error(path) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{path}: not a regular file")
+        buf = os.pread(fd, HEADER_SIZE, 0)
+        g = parse_header(buf, st.st_size, path)
+        prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
+        mm = mmap.mmap(fd, g.file_size, mmap.MAP_SHARED, prot)
+        if os.fstat(fd).st_size != g.file_size:
+            mm.close()
+            raise FormatError(f"{path}: file size changed while opening it")
+        return Mapping(path, g, fd, mm, (st.st_dev, st.st_ino), readonly)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def same_file(path: str, inode: tuple[int, int]) -> bool:
+    """True if ``path`` (not followed if a link) is still the file ``inode``."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == inode
+
+
+def stale_temp_files(path: str) -> list[str]:
+    """Temporary files left by creators or rebuilders that died (their pid is gone)."""
+    d = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}.new-"
+    out = []
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return out
+    for n in names:
+        if n.startswith(prefix):
+            try:
+                pid = int(n[len(prefix):].split("-")[0])
+            except ValueError:
+                continue
+            if not _pid_alive(pid):
+                out.append(os.path.join(d, n))
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_files(path: str, lock_path: str) -> bool:
+    """Unlink a table's data and lock files; True if the data file existed."""
+    existed = True
+    for p in (path, lock_path):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            if p == path:
+                existed = False
+    return existed

@@ -1,0 +1,112 @@
+"""Timestamps: int64 nanoseconds since the Unix epoch, INT64_MIN meaning "not set".
+
+Accepted inputs are ints (nanoseconds), ``numpy.datetime64`` (any unit),
+``datetime.datetime`` (naive values are taken as UTC, as numpy and pandas do)
+and ``pandas.Timestamp``.  Floats are refused on purpose: a float is usually
+seconds (``time.time()``), and guessing the unit would silently store dates
+in 1970; :func:`from_seconds` converts explicitly.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidTimestampError
+from .layout import NOT_SET
+
+__all__ = ["now_ns", "to_ns", "to_ns_array", "from_seconds"]
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_I64_MAX = np.iinfo(np.int64).max
+now_ns = time.time_ns
+
+
+def from_seconds(seconds: Any) -> Any:
+    """Convert seconds since the epoch (float or array of floats) to int64 nanoseconds.
+
+    Rounds to the nearest microsecond first, so that ``1795668428.565`` becomes
+    ``1795668428565000000`` and not ``...564999936`` (float64 carries ~16 digits).
+    """
+    a = np.asarray(seconds, dtype=np.float64)
+    ns = np.round(a * 1e6).astype(np.int64) * 1000
+    return int(ns) if ns.ndim == 0 else ns
+
+
+def _bad(ts: Any, why: str) -> InvalidTimestampError:
+    return InvalidTimestampError(f"invalid timestamp {ts!r}: {why}")
+
+
+def to_ns(ts: Any) -> int:
+    """Normalise one timestamp (None = now) to int nanoseconds since the epoch."""
+    if ts is None:
+        return time.time_ns()
+    t = type(ts)
+    if t is int:
+        if -_I64_MAX <= ts <= _I64_MAX:
+            return ts
+        raise _bad(ts, "outside the int64 nanosecond range (and INT64_MIN means 'not set')")
+    if isinstance(ts, (bool, np.bool_)):
+        raise _bad(ts, "a bool is not a timestamp")
+    if isinstance(ts, (int, np.integer)):
+        return to_ns(int(ts))
+    if isinstance(ts, np.datetime64):
+        if np.isnat(ts):
+            raise _bad(ts, "NaT is 'not set', not a time")
+        return to_ns(int(ts.astype("datetime64[ns]").astype(np.int64)))
+    if isinstance(ts, _dt.datetime):
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=_dt.timezone.utc)
+        delta = ts - _EPOCH
+        ns = (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+        return to_ns(ns + int(getattr(ts, "nanosecond", 0)))
+    if isinstance(ts, (float, np.floating)):
+        raise _bad(ts, "floats are refused: give int nanoseconds, a datetime, "
+                       "or npcalls.from_seconds(seconds)")
+    raise _bad(ts, f"expected int nanoseconds or a datetime, not {t.__name__}")
+
+
+def to_ns_array(ts: Any, n: int) -> np.ndarray:
+    """Normalise the timestamps of a batch of ``n`` keys to an int64 array of length ``n``.
+
+    ``None`` means "now" (one reading of the clock for the whole batch); a
+    scalar is used for every key.
+    """
+    if ts is None:
+        return np.full(n, time.time_ns(), np.int64)
+    if np.isscalar(ts) or isinstance(ts, (_dt.datetime, np.datetime64)):
+        return np.full(n, to_ns(ts), np.int64)
+    a = np.asarray(ts)
+    if a.size == 0 and a.dtype.kind == "f":
+        a = a.astype(np.int64)          # np.asarray([]) is float64: an empty list is fine
+    if a.dtype == object:
+        try:
+            a = np.array([to_ns(x) for x in a.ravel()], np.int64)
+        except InvalidTimestampError:
+            raise
+    if a.ndim != 1 or len(a) != n:
+        raise InvalidTimestampError(f"expected {n} timestamps (one per key), got shape {a.shape}")
+    kind = a.dtype.kind
+    if kind == "M":
+        out = a.astype("datetime64[ns]").view(np.int64)
+        if (out == NOT_SET).any():
+            i = int(np.flatnonzero(out == NOT_SET)[0])
+            raise InvalidTimestampError(f"timestamp #{i} is NaT ('not set' is not a time)")
+        return out
+    if kind in "iu":
+        if kind == "u" and len(a) and int(a.max()) > _I64_MAX:
+            raise InvalidTimestampError("timestamps exceed the int64 nanosecond range")
+        out = a.astype(np.int64, copy=False)
+        if (out == NOT_SET).any():
+            i = int(np.flatnonzero(out == NOT_SET)[0])
+            raise InvalidTimestampError(f"timestamp #{i} is INT64_MIN, which means 'not set'")
+        return out
+    if kind == "b":
+        raise InvalidTimestampError("bool array is not timestamps")
+    if kind == "f":
+        raise InvalidTimestampError("float timestamps are refused: give int64 nanoseconds or "
+                                    "datetime64, or convert with npcalls.from_seconds(seconds)")
+    raise InvalidTimestampError(f"timestamps of dtype {a.dtype} are not supported")
