@@ -120,7 +120,10 @@ def row_is_stable(s2: np.ndarray, w1: int, dead_w: int | None) -> np.ndarray:
     """
     ok = ((s2 & _ONE) == 0) & (s2 <= _U(w1))
     if dead_w is not None:
-        ok |= s2 == _U(dead_w)      # left odd by a writer that died: readable as is
+        # The writer of operation dead_w died (the header stays odd): its rows,
+        # and rows a recovery it interrupted had made even (dead_w + 1), are
+        # readable as they are, since no one is changing them.
+        ok |= s2 <= _U(dead_w + 1)
     return ok
 
 
@@ -232,7 +235,7 @@ def _scan_bucket(m: Mapping, i: int, bucket: int, tag: int, want: np.ndarray, sl
         s1 = int(m.seqcol[s])
         row = m.rowq[s].copy()
         s2 = int(m.seqcol[s])
-        if consistent and (s1 != s2 or (s1 & 1 and s1 != dead_w)):
+        if consistent and (s1 != s2 or (s1 & 1 and (dead_w is None or s1 > dead_w + 1))):
             busy = True
             continue
         if np.array_equal(row[3:], want):

@@ -43,7 +43,7 @@ from .timestamps import to_ns, to_ns_array
 
 import xxhash
 
-__all__ = ["CallTable", "Stats", "GetManyResult"]
+__all__ = ["CallTable", "Stats", "GetManyResult", "CheckReport"]
 
 _xxh = xxhash.xxh64_intdigest
 _time_ns = time.time_ns
@@ -681,7 +681,7 @@ class CallTable:
                         if s1 == q[o8] and not s1 & 1:
                             break
                         spins += 1
-                        if spins > 1000 and self._writer_is_dead(spins):
+                        if spins > 1000 and s1 == q[o8] and self._writer_is_dead(spins):
                             break
                     if key == field:
                         return st, en
@@ -909,11 +909,13 @@ class CallTable:
             hit_rows = o[win[rec]]
             out[hit_rows if idx is None else idx[hit_rows]] = True
             q[counter] += int(np.count_nonzero(rec))
+        _crashpoint("batch-fields-set")
         if len(new_groups):
             fields = kq.view(f"S{self._kf}").reshape(len(kq))
             _, pr, reused = probe.place(m, rt[new_groups], fields, rep[new_groups],
                                         new_vals[1][new_groups], new_vals[2][new_groups], seq_odd)
             rounds += pr
+            _crashpoint("batch-placed")
             q[_W_COUNT] += len(new_groups)
             q[_W_TOMB] -= reused
         q[_W_WSEQ] = w + 2
@@ -1053,32 +1055,49 @@ class CallTable:
         """Rebuild at the same capacity, dropping every tombstone."""
         self.grow(self._live_mapping().geometry.capacity)
 
-    def _rebuild_locked(self, m: Mapping, capacity: int) -> None:
+    def _rebuild_locked(self, m: Mapping, capacity: int, rehash: bool = False) -> list[str]:
+        """Copy every live row into a new file of ``capacity`` slots and switch to it.
+
+        With ``rehash`` (repair), tags are recomputed from the keys instead of
+        trusted, rows whose key is invalid are dropped and duplicate keys are
+        merged (first start and first end kept); returns what was dropped.
+        """
         g = m.geometry
-        w = int(m.q[_W_WSEQ])
+        w = int(m.q[_W_WSEQ]) & ~1
         m.q[_W_WSEQ] = w + 1
         live = np.flatnonzero(m.tags >= 2)
-        tags = m.tags[live]
         rows = np.take(m.rowq, live, axis=0)
+        fields = np.ascontiguousarray(rows[:, 3:]).view(f"S{g.key_field}").reshape(len(rows))
+        starts = np.ascontiguousarray(rows[:, 1]).view(np.int64)
+        ends = np.ascontiguousarray(rows[:, 2]).view(np.int64)
+        dropped: list[str] = []
+        if rehash:
+            fields, starts, ends, tags, dropped = _sanitize_rows(fields, starts, ends, g)
+        else:
+            tags = m.tags[live]
         order = bucket_order(tags)
         ng = make_geometry(capacity, g.key_width, g.seed, g.max_load, g.created_ns, g.flags,
                            g.generation + 1)
+        if len(tags) > ng.limit:
+            m.q[_W_WSEQ] = w + 2
+            raise ValueError(f"capacity {capacity} cannot hold the {len(tags)} calls present "
+                             f"at max load {g.max_load}")
         tmp = build_temp(self._path, ng, _file_mode(m.fd))
         try:
             new = open_mapping(tmp, readonly=False)
             try:
-                fields = np.ascontiguousarray(rows[:, 3:]).view(f"S{g.key_field}").reshape(len(rows))
-                probe.place(new, tags[order], fields, order, rows[order, 1].view(np.int64),
-                            rows[order, 2].view(np.int64), 1)
+                probe.place(new, tags[order], fields, order, starts[order], ends[order], 1)
                 for name in ("n_started", "n_stopped", "n_removed", "n_recoveries"):
                     new.q[W[name]] = m.q[W[name]]
                 new.q[W["n_rebuilds"]] = m.q[W["n_rebuilds"]] + 1
-                new.q[_W_COUNT] = len(live)
+                new.q[_W_COUNT] = len(tags)
                 new.q[_W_WSEQ] = w + 2
+                _crashpoint("rebuild-built")
                 # Retire first, then rename: a writer of the old file that takes
                 # the lock after us re-opens the path; if we die in between, the
                 # next writer finds the old file still at the path and revives it.
                 m.q[_W_STATE] = STATE_RETIRED
+                _crashpoint("rebuild-retired")
                 os.rename(tmp, self._path)
             except BaseException:
                 new.close()
@@ -1096,6 +1115,164 @@ class CallTable:
         self._m = new
         self._set_geometry(new)
         m.close()
+        return dropped
+
+    # ------------------------------------------------------------------ expiry and checks
+
+    def expire(self, ended_before: Any = None, started_before: Any = None, *,
+               return_rows: bool = False) -> int | np.ndarray:
+        """Remove calls that ended before a cutoff, and optionally stale calls that never ended.
+
+        Like Kamailio htable's autoexpire and the dialog module's timeouts: a
+        table that runs for months must shed the calls it no longer needs.
+
+        Parameters
+        ----------
+        ended_before : timestamp, optional
+            Remove calls (and end-only calls) whose end is earlier.
+        started_before : timestamp, optional
+            Also remove calls that started earlier and have no end (their BYE
+            was lost).
+        return_rows : bool, default False
+            Return the removed rows (snapshot dtype) instead of their number,
+            so that the caller can archive them.
+
+        Returns
+        -------
+        int or numpy.ndarray
+        """
+        if ended_before is None and started_before is None:
+            raise ValueError("expire needs ended_before and/or started_before")
+        eb = None if ended_before is None else to_ns(ended_before)
+        sb = None if started_before is None else to_ns(started_before)
+        lock = self._writable_lock()
+        with lock:
+            m, w = self._begin_locked()
+            live = np.flatnonzero(m.tags >= 2)
+            st = m.rowq[live, 1].view(np.int64)
+            en = m.rowq[live, 2].view(np.int64)
+            mask = np.zeros(len(live), bool)
+            if eb is not None:
+                mask |= (en != NOT_SET) & (en < eb)
+            if sb is not None:
+                mask |= (en == NOT_SET) & (st != NOT_SET) & (st < sb)
+            slots = live[mask]
+            out = None
+            if return_rows:
+                out = np.empty(len(slots), snapshot_dtype(self._kw))
+                out["start"], out["end"] = st[mask], en[mask]
+                keys = np.ascontiguousarray(m.rowq[slots, 3:]).view(f"S{self._kf}")
+                out["key"] = keys.reshape(len(slots))
+            if len(slots):
+                self._remove_slots_locked(m, w, slots)
+                _crashpoint("expire-removed")
+                if int(m.q[_W_TOMB]) > self._g.capacity // 16:
+                    self._rebuild_locked(m, self._g.capacity)
+        return out if return_rows else len(slots)
+
+    def check(self, repair: bool = False) -> "CheckReport":
+        """Verify the table's invariants; with ``repair``, fix what can be fixed.
+
+        Checked: the header (state, counts against the tags, the writer
+        sequence), every row stable (no half-written row without a writer),
+        every key valid and hashing to its stored tag, every row findable by
+        its own key from its home bucket (which also rules out duplicate keys
+        and broken probe paths), no stale temporary files of dead rebuilders.
+
+        A writer killed mid-operation leaves work that the next writer finishes
+        on its own; check reports it as a note, and ``repair`` finishes it now.
+        Corruption that no crash can cause (a wrong tag, an invalid key, a
+        duplicate) is a problem; ``repair`` rebuilds the table from its keys,
+        dropping invalid rows and merging duplicates.
+
+        Takes the writer lock (a read-only handle checks without it, and may
+        then report counts that a concurrent writer is changing).
+        """
+        notes: list[str] = []
+        problems: list[str] = []
+        repaired: list[str] = []
+        lock = self._lock
+        if lock is None:
+            if self._closed:
+                raise TableClosedError(f"table {self._path} is closed")
+            if repair:
+                raise ReadOnlyError(f"table {self._path} was opened read-only; repair needs a "
+                                    "writer")
+            notes.append("read-only handle: checked without the writer lock")
+            return self._check_locked(self._live_mapping(), notes, problems, repaired, False)
+        with lock:
+            m = self._m
+            if m.q[_W_STATE]:
+                m = self._follow(locked=True)
+            return self._check_locked(m, notes, problems, repaired, repair)
+
+    def _check_locked(self, m: Mapping, notes: list, problems: list, repaired: list,
+                      repair: bool) -> "CheckReport":
+        g = m.geometry
+        q = m.q
+        w = int(q[_W_WSEQ])
+        crashed = bool(w & 1) and self._lock is not None
+        if crashed:
+            notes.append("a writer died in the middle of an operation; the next writer "
+                         "finishes its recovery automatically")
+        odd = int(np.count_nonzero(m.seqcol & np.uint64(1)))
+        if odd and not crashed:
+            (notes if self._lock is None else problems).append(
+                f"{odd} rows marked mid-write while no write is in progress")
+        tags = m.tags
+        live = np.flatnonzero(tags >= 2)
+        n_tomb = int(np.count_nonzero(tags == TOMBSTONE))
+        if len(live) != int(q[_W_COUNT]) or n_tomb != int(q[_W_TOMB]):
+            msg = (f"header counts {int(q[_W_COUNT])} calls / {int(q[_W_TOMB])} tombstones, "
+                   f"the slots hold {len(live)} / {n_tomb}")
+            (notes if crashed or self._lock is None else problems).append(msg)
+        if len(live) > g.limit:
+            problems.append(f"{len(live)} calls exceed the table's limit of {g.limit}")
+        stale = stale_temp_files(self._path)
+        if stale:
+            notes.append(f"{len(stale)} temporary file(s) left by a dead rebuilder: "
+                         + ", ".join(stale))
+        # every row: a valid key, hashing to its tag, found at its own slot
+        keyq = np.ascontiguousarray(np.take(m.rowq, live, axis=0)[:, 3:])
+        fields = keyq.view(f"S{g.key_field}").reshape(len(live))
+        enc = encode_keys(fields, g.key_width, g.key_field)
+        if len(enc.bad):
+            problems.append(f"{len(enc.bad)} rows hold an invalid key (first at slot "
+                            f"{int(live[enc.bad[0]])}: {enc.reasons[0]})")
+        want = tags_of(fields, g.seed)
+        wrong_tag = np.flatnonzero(want != tags[live])
+        if len(wrong_tag):
+            problems.append(f"{len(wrong_tag)} rows whose tag is not their key's hash (first at "
+                            f"slot {int(live[wrong_tag[0]])})")
+        f = probe.lookup(m, tags[live], keyq, consistent=False, want_rows=False)
+        lost = np.flatnonzero(f.slot != live)
+        if len(lost):
+            grp = group_sorted(tags[live], keyq)
+            dups = len(live) - len(grp.first)
+            what = f" ({dups} duplicate keys)" if dups else ""
+            problems.append(f"{len(lost)} rows not findable by their own key from their home "
+                            f"bucket{what} (first at slot {int(live[lost[0]])})")
+        if q[_W_STATE] == STATE_REMOVED:
+            problems.append("the table was removed (unlinked)")
+        if repair and (crashed or stale or problems or (odd and not crashed)):
+            if crashed or odd:
+                self._recover_locked(m)
+                repaired.append("finished the recovery of a crashed writer")
+            elif stale:
+                for p in stale:
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
+                repaired.append(f"removed {len(stale)} stale temporary file(s)")
+            if problems:
+                dropped = self._rebuild_locked(self._m, g.capacity, rehash=True)
+                repaired.append("rebuilt the table from its keys" +
+                                (": " + "; ".join(dropped) if dropped else ""))
+            again = self._check_locked(self._m, [], [], [], False)
+            return CheckReport(again.ok, again.problems, notes + again.notes, repaired,
+                               len(self._m.tags[self._m.tags >= 2]))
+        return CheckReport(not problems, problems, notes, repaired, len(live))
 
 
 def _find_one(fast: tuple, field: bytes, tag: int) -> tuple[int, int]:
@@ -1129,6 +1306,76 @@ def _find_one(fast: tuple, field: bytes, tag: int) -> tuple[int, int]:
         if b == nb:
             b = 0
     return -1, free
+
+
+class CheckReport(NamedTuple):
+    """What :meth:`CallTable.check` found.
+
+    Attributes
+    ----------
+    ok : bool
+        No invariant is violated (notes do not count).
+    problems : list of str
+        Violated invariants.
+    notes : list of str
+        Conditions that are not violations (a crashed writer's unfinished
+        recovery, stale temporary files).
+    repaired : list of str
+        What ``repair=True`` did.
+    calls : int
+        Live rows seen.
+    """
+
+    ok: bool
+    problems: list
+    notes: list
+    repaired: list
+    calls: int
+
+
+def _sanitize_rows(fields: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                   g: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """For repair: drop rows with invalid keys, merge duplicate keys, recompute tags."""
+    dropped: list[str] = []
+    enc = encode_keys(fields, g.key_width, g.key_field)
+    if len(enc.bad):
+        keep = np.ones(len(fields), bool)
+        keep[enc.bad] = False
+        dropped.append(f"dropped {len(enc.bad)} rows with invalid keys")
+        fields, starts, ends = enc.fields[keep], starts[keep], ends[keep]
+    else:
+        fields = enc.fields
+    tags = tags_of(fields, g.seed)
+    keyq = np.ascontiguousarray(fields).view(np.uint64).reshape(len(fields), g.key_field // 8)
+    grp = group_sorted(tags, keyq)
+    if len(grp.first) < len(fields):
+        o = grp.order
+        ng = len(grp.first)
+        st, en = np.full(ng, NOT_SET, np.int64), np.full(ng, NOT_SET, np.int64)
+        for src, dst in ((starts[o], st), (ends[o], en)):
+            has = np.flatnonzero(src != NOT_SET)
+            gid = grp.group[has]
+            lead = np.ones(len(has), bool)
+            lead[1:] = gid[1:] != gid[:-1]
+            dst[gid[lead]] = src[has[lead]]
+        rep = o[grp.first]
+        dropped.append(f"merged {len(fields) - ng} duplicate rows")
+        fields, starts, ends, tags = fields[rep], st, en, tags[rep]
+    return fields, starts, ends, tags, dropped
+
+
+def _crashpoint(name: str) -> None:
+    """Test hook: die here if $NPCALLS_CRASH_AT names this point (crash-safety tests).
+
+    Only on paths that are not per-call hot (batches, rebuilds, expiry); the
+    tests kill single operations at random lines with a trace function instead.
+    """
+    if _CRASH_AT and name in _CRASH_AT:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_CRASH_AT = frozenset(filter(None, os.environ.get("NPCALLS_CRASH_AT", "").split(",")))
 
 
 class _ClosedWords:

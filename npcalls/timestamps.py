@@ -18,7 +18,7 @@ import numpy as np
 from .errors import InvalidTimestampError
 from .layout import NOT_SET
 
-__all__ = ["now_ns", "to_ns", "to_ns_array", "from_seconds"]
+__all__ = ["now_ns", "to_ns", "to_ns_array", "from_seconds", "parse_duration", "parse_time", "format_ns"]
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _I64_MAX = np.iinfo(np.int64).max
@@ -110,3 +110,78 @@ def to_ns_array(ts: Any, n: int) -> np.ndarray:
         raise InvalidTimestampError("float timestamps are refused: give int64 nanoseconds or "
                                     "datetime64, or convert with npcalls.from_seconds(seconds)")
     raise InvalidTimestampError(f"timestamps of dtype {a.dtype} are not supported")
+
+
+_UNITS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000,
+          "min": 60_000_000_000, "h": 3_600_000_000_000, "d": 86_400_000_000_000,
+          "w": 604_800_000_000_000}
+
+
+def parse_duration(text: str) -> int:
+    """Parse a duration such as ``90s``, ``15m``, ``1h30m``, ``2d`` or ``250ms`` into nanoseconds.
+
+    A bare number is seconds.
+
+    Raises
+    ------
+    ValueError
+        Naming the text that could not be read.
+    """
+    import re
+    s = text.strip().lower()
+    if not s:
+        raise ValueError("empty duration")
+    try:
+        return int(round(float(s) * 1e9))
+    except ValueError:
+        pass
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ns|us|ms|min|s|m|h|d|w)", s)
+    if not parts or "".join(a + b for a, b in parts) != re.sub(r"\s+", "", s):
+        raise ValueError(f"cannot read duration {text!r} (examples: 90s, 15m, 1h30m, 2d)")
+    return int(round(sum(float(a) * _UNITS[b] for a, b in parts)))
+
+
+def parse_time(text: str, now: int | None = None) -> int:
+    """Parse a point in time for the command line into ns since the epoch.
+
+    Accepts ``now``, ISO 8601 (``2026-11-26T05:51:55.710Z``, a date alone; no
+    zone means UTC), epoch seconds with an optional fraction
+    (``1795668428.565``), and offsets from now: ``-15m`` or ``15m ago``.
+    """
+    s = text.strip()
+    now = time.time_ns() if now is None else now
+    if s.lower() == "now":
+        return now
+    if s.lower().endswith(" ago"):
+        return now - parse_duration(s[:-4])
+    if s.startswith("-") and not s[1:2].isdigit() or (s.startswith("-") and s[-1:].isalpha()):
+        return now - parse_duration(s[1:])
+    try:
+        if any(c in s for c in "eE") and "T" not in s:
+            raise ValueError
+        return from_seconds(float(s))
+    except ValueError:
+        pass
+    import re
+    bad = ValueError(f"cannot read time {text!r} (examples: now, -15m, 2026-11-26T05:51:55Z, "
+                     "1795668428.565)")
+    if re.search(r"T.*[+-]\d\d:?\d\d$", s):
+        # an explicit UTC offset: numpy has no zones, datetime has (to the microsecond)
+        try:
+            return to_ns(_dt.datetime.fromisoformat(s))
+        except ValueError:
+            raise bad from None
+    try:
+        t = np.datetime64(s.rstrip("Zz"), "ns")
+    except ValueError:
+        raise bad from None
+    if np.isnat(t):
+        raise bad
+    return int(t.astype(np.int64))
+
+
+def format_ns(ns: int) -> str:
+    """ISO 8601 UTC with microseconds (``2026-11-26T05:51:55.710074Z``), or '' when not set."""
+    if ns == NOT_SET:
+        return ""
+    return str(np.datetime64(int(ns), "ns").astype("datetime64[us]")) + "Z"

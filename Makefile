@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine (each installs what it needs):
+#   make demo   - create a table, load the bundled Kamailio log, print what it holds
+#   make test   - the whole test suite (installs Kamailio and sipp for the end-to-end test)
+# and, for numbers:
+#   make bench  - benchmarks against peers, measured in the same run
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-dev
+
+.PHONY: demo test test-stress bench system-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/npcalls demo
+
+system-deps:
+	scripts/install-system-deps.sh
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest
+
+# The long runs: 10,000 crash kills, 10M churn cycles (see README).
+test-stress: $(STAMP) system-deps
+	$(BIN)/python -m pytest -m stress
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_core.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,5 @@
+"""``python -m npcalls`` is the ``npcalls`` command."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,103 @@
+"""Helpers shared by the command-line verbs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Iterable, Iterator
+
+EXIT_OK = 0
+EXIT_NEGATIVE = 1
+EXIT_ERROR = 2
+
+
+class CliError(Exception):
+    """An error to report on stderr with an exit status (no traceback)."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def add_table_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("table", metavar="TABLE",
+                   help="table name (in $NPCALLS_DIR, default /dev/shm) or path (contains '/')")
+
+
+def open_table(name: str, readonly: bool = True) -> Any:
+    """Open a table for a verb, turning a missing table into a one-line error."""
+    from ..errors import TableNotFoundError
+    from ..table import CallTable
+    try:
+        return CallTable.open(name, readonly=readonly)
+    except TableNotFoundError:
+        raise CliError(f"no table {name!r} (create it with `npcalls create {name} "
+                       "--capacity N`)") from None
+
+
+def read_keys(args_keys: list[str]) -> Iterator[str]:
+    """Call-IDs from the command line, or one per line from stdin when given '-'."""
+    for k in args_keys:
+        if k == "-":
+            for line in sys.stdin:
+                line = line.rstrip("\r\n")
+                if line:
+                    yield line
+        else:
+            yield k
+
+
+def time_arg(text: str) -> int:
+    """argparse type for a point in time (see npcalls.timestamps.parse_time)."""
+    from ..timestamps import parse_time
+    try:
+        return parse_time(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def duration_arg(text: str) -> int:
+    """argparse type for a duration (see npcalls.timestamps.parse_duration)."""
+    from ..timestamps import parse_duration
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return v
+
+
+def mode_arg(text: str) -> int:
+    try:
+        v = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= v <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode out of range: {text!r}")
+    return v
+
+
+def out_stream(path: str | None, binary: bool = False) -> Any:
+    """Where a verb writes its data: a file (``-o``) or stdout."""
+    if path in (None, "-"):
+        return sys.stdout.buffer if binary else sys.stdout
+    return open(path, "wb" if binary else "w", newline="" if not binary else None)
+
+
+def write_lines(lines: Iterable[str], stream: Any) -> None:
+    for line in lines:
+        stream.write(line)
+        stream.write("\n")
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"

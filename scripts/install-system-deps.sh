@@ -1,0 +1,20 @@
+#!/bin/sh
+# System packages the full test suite needs (the Kamailio end-to-end test):
+# Kamailio with its Python engine, and sipp.  Installs only what is missing;
+# needs root (CI and the developers' machines run as root).
+set -eu
+need=""
+command -v kamailio >/dev/null 2>&1 || need="$need kamailio"
+[ -e /usr/lib/x86_64-linux-gnu/kamailio/modules/app_python3.so ] || \
+    ls /usr/lib/*/kamailio/modules/app_python3.so >/dev/null 2>&1 || need="$need kamailio-python3-modules"
+command -v sipp >/dev/null 2>&1 || need="$need sip-tester"
+if [ -n "$need" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "install-system-deps: need root to install:$need" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $need
+fi
