@@ -186,6 +186,14 @@ def model_apply(model: dict, op: list) -> None:
                 del model[k]
 
 
+def cut_partial_line(log_path: str) -> None:
+    """Drop a log line the killed writer did not finish, before the next writer appends."""
+    with open(log_path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def read_log(log_path: str) -> list[tuple[list, bool]]:
     """Operations in log order, each with whether it ended."""
     ops: dict[tuple[int, int], list] = {}
@@ -278,6 +286,7 @@ def run_kills(path: str, log_path: str, kills: int, seed: int, pool_size: int = 
             raise AssertionError(f"writer {gen} exited with status {os.WEXITSTATUS(status)} "
                                  "instead of being killed (an exception in the writer?)")
         stats[how] += 1
+        cut_partial_line(log_path)
         ops = read_log(log_path)
         new_ops = ops[consumed:]
         consumed = len(ops)
@@ -331,6 +340,7 @@ def sweep(path: str, log_path: str, make_op: Any, stride: int = 1, max_kills: in
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         gen += 1
+        cut_partial_line(log_path)
         ops = read_log(log_path)
         new_ops, consumed = ops[consumed:], len(ops)
         model = verify_after_kill(path, model, new_ops)
