@@ -307,7 +307,9 @@ def place(m: Mapping, tag: np.ndarray, fields: np.ndarray, key_index: np.ndarray
     while len(pend):
         rounds += 1
         if rounds > nb:
-            raise RuntimeError("no free slot left in the table (corrupt counts?)")
+            from .errors import FormatError
+            raise FormatError(f"{m.path}: corrupt table: no free slot anywhere although the "
+                              "header leaves room (run `npcalls check --repair`)")
         bb = b[pend] if rounds > 1 else b
         blk = np.take(m.tags2d, bb, axis=0)
         fw = _bool_words(blk < 2)                  # free: EMPTY or TOMBSTONE

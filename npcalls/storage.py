@@ -170,7 +170,8 @@ def _unlink_quietly(p: str) -> None:
 
 def open_mapping(path: str, readonly: bool) -> Mapping:
     """Open, validate and map a table file."""
-    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NOFOLLOW | os.O_CLOEXEC
+    # O_NONBLOCK: a FIFO planted at the path must not block the open forever
+    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
@@ -178,11 +179,16 @@ def open_mapping(path: str, readonly: bool) -> Mapping:
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _no_follow_error(path) from None
+        if e.errno == errno.EISDIR:
+            raise FormatError(f"{path}: is a directory, not a table") from None
+        if e.errno == errno.ENXIO:
+            raise FormatError(f"{path}: not a regular file") from None
         raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise FormatError(f"{path}: not a regular file")
+        os.set_blocking(fd, True)
         buf = os.pread(fd, HEADER_SIZE, 0)
         g = parse_header(buf, st.st_size, path)
         prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE

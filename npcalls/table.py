@@ -359,7 +359,9 @@ class CallTable:
         if state == STATE_REMOVED:
             raise TableRemovedError(f"table {self._path} was removed (unlinked)")
         if state != STATE_RETIRED:
-            return m
+            from .errors import FormatError
+            raise FormatError(f"{self._path}: unknown table state {int(state)} in the header "
+                              "(corrupt?)")
         if same_file(self._path, m.inode):
             # Retired, but the rebuilt file never replaced it: its builder died
             # between the two steps.  The old file is still the table.
@@ -1202,7 +1204,13 @@ class CallTable:
             return self._check_locked(self._live_mapping(), notes, problems, repaired, False)
         with lock:
             m = self._m
-            if m.q[_W_STATE]:
+            state = int(m.q[_W_STATE])
+            if state not in (STATE_LIVE, STATE_RETIRED, STATE_REMOVED):
+                problems.append(f"unknown table state {state} in the header")
+                if repair:
+                    m.q[_W_STATE] = STATE_LIVE
+                    repaired.append("reset the header state to live")
+            elif state:
                 m = self._follow(locked=True)
             return self._check_locked(m, notes, problems, repaired, repair)
 
