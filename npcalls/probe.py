@@ -337,18 +337,43 @@ def place(m: Mapping, tag: np.ndarray, fields: np.ndarray, key_index: np.ndarray
 
 
 def remove_slots(m: Mapping, s: np.ndarray, seq_odd: int) -> int:
-    """Free distinct live slots; returns how many became TOMBSTONE (the rest became EMPTY).
+    """Free distinct live slots; returns the change in the number of tombstones.
 
-    The tag change happens inside an odd-seq window like every other change,
-    so a snapshot that copied the row while it was removed notices.
+    A freed slot becomes EMPTY when no live key's walk passes its bucket b:
+    certainly so if b holds an EMPTY slot (the invariant above), and also if
+    bucket b+1 holds an EMPTY slot and all of b+1's keys are at home (walks
+    are runs of consecutive buckets, so a walk past b would end in b+1 or go
+    through it).  In that second case b's old tombstones are reclaimed too.
+    Only otherwise is a TOMBSTONE left.  Churn thus leaves few tombstones, and
+    compaction (a rebuild) clears the rest when they pass 1/16 of the slots.
+
+    The tag changes happen inside an odd-seq window like every other change,
+    so a snapshot that copied a row while it was removed notices.
     """
+    nb = m.geometry.nbuckets
     buckets = s // BUCKET
     blk = np.take(m.tags2d, buckets, axis=0)
     has_empty = _bool_words(blk == EMPTY) != 0
+    clean = has_empty.copy()
+    full = np.flatnonzero(~has_empty)
+    if len(full) and nb > 1:
+        nxt = (buckets[full] + 1) % nb
+        nblk = np.take(m.tags2d, nxt, axis=0)
+        away = (nblk >= 2) & (home_bucket(nblk.ravel(), nb).reshape(nblk.shape) != nxt[:, None])
+        clean[full] = (_bool_words(nblk == EMPTY) != 0) & (_bool_words(away) == 0)
+    reclaim = np.unique(buckets[clean & ~has_empty])      # full buckets no walk passes
     m.seqcol[s] = seq_odd
-    m.tags[s] = np.where(has_empty, _U(EMPTY), _U(TOMBSTONE))
+    m.tags[s] = np.where(clean, _U(EMPTY), _U(TOMBSTONE))
+    cleared = 0
+    if len(reclaim):
+        rb = np.take(m.tags2d, reclaim, axis=0)
+        tomb = np.flatnonzero((rb == TOMBSTONE).ravel())
+        if len(tomb):
+            slots = reclaim[tomb // BUCKET] * BUCKET + tomb % BUCKET
+            m.tags[slots] = _U(EMPTY)
+            cleared = len(slots)
     m.seqcol[s] = seq_odd + 1
-    return int(np.count_nonzero(~has_empty))
+    return int(np.count_nonzero(~clean)) - cleared
 
 
 def probe_lengths(m: Mapping) -> np.ndarray:

@@ -637,16 +637,10 @@ class CallTable:
                 return False
             q = m.q
             g = m.geometry
-            blk = _TAGS8.unpack_from(m.mv, g.tags_offset + (slot // BUCKET) * 64)
             o = (g.rows_offset + slot * g.row_size) >> 3
-            tw = (g.tags_offset >> 3) + slot
             q[_W_WSEQ] = w + 1
             q[o] = w + 1
-            if 0 in blk:                # see probe.py: the bucket was never full
-                q[tw] = 0
-            else:
-                q[tw] = TOMBSTONE
-                q[_W_TOMB] += 1
+            q[_W_TOMB] += _free_one(m, slot)
             q[o] = w + 2
             q[_W_COUNT] -= 1
             q[_W_NREM] += 1
@@ -1281,6 +1275,35 @@ class CallTable:
             return CheckReport(again.ok, again.problems, notes + again.notes, repaired,
                                len(self._m.tags[self._m.tags >= 2]))
         return CheckReport(not problems, problems, notes, repaired, len(live))
+
+
+def _free_one(m: Mapping, slot: int) -> int:
+    """Free one live slot (lock held, row seq odd): probe.remove_slots for one key.
+
+    Returns the change in the number of tombstones.
+    """
+    g = m.geometry
+    nb = g.nbuckets
+    q = m.q
+    b = slot >> 3
+    tw = g.tags_offset >> 3
+    blk = _TAGS8.unpack_from(m.mv, g.tags_offset + (b << 6))
+    if 0 in blk:
+        q[tw + slot] = 0
+        return 0
+    c = b + 1 if b + 1 < nb else 0
+    nxt = _TAGS8.unpack_from(m.mv, g.tags_offset + (c << 6))
+    if nb > 1 and 0 in nxt and all(t < 2 or ((t >> 32) * nb) >> 32 == c for t in nxt):
+        # no walk passes bucket b: free the slot and b's old tombstones
+        q[tw + slot] = 0
+        cleared = 0
+        for j, t in enumerate(blk):
+            if t == TOMBSTONE:
+                q[tw + (b << 3) + j] = 0
+                cleared += 1
+        return -cleared
+    q[tw + slot] = TOMBSTONE
+    return 1
 
 
 def _find_one(fast: tuple, field: bytes, tag: int) -> tuple[int, int]:

@@ -222,3 +222,44 @@ def test_ten_million_churn_cycles(path):
     assert s.mean_probe < 1.05 and s.max_probe <= 4 and s.tombstones <= s.capacity // 16
     assert t.check().ok
     t.close()
+
+
+def _keys_homed_at(t: CallTable, bucket: int, n: int) -> list[str]:
+    from npcalls.hashing import tag_of
+    from npcalls.probe import home_bucket_one
+    out, i = [], 0
+    while len(out) < n:
+        k = f"h{i}"
+        field = k.encode().ljust(t._kf, b"\0")
+        if home_bucket_one(tag_of(field, t.seed), t._nb) == bucket:
+            out.append(k)
+        i += 1
+    return out
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_tombstones_only_where_a_walk_passes_and_reclaimed_after(path, batch):
+    t = CallTable.create(path, 32, key_width=8, max_load=0.95)     # 4 buckets of 8
+    home1 = _keys_homed_at(t, 1, 9)            # 9 keys for bucket 1: one spills into bucket 2
+    t.start_many(home1, list(range(9)))
+    spilled = [k for k in home1 if k not in _keys_in_bucket(t, 1)]
+    assert len(spilled) == 1
+    rm = (lambda ks: t.remove_many(ks)) if batch else (lambda ks: [t.remove(k) for k in ks])
+    stay = [k for k in home1 if k not in spilled]
+    rm(stay[:1])                                # bucket 1 full, a walk passes: tombstone
+    assert t.stats().tombstones == 1
+    assert t.get(spilled[0]) is not None        # the spilled key is still found
+    rm(spilled)                                 # nobody walks past bucket 1 any more
+    rm(stay[1:2])                               # so this frees its slot and the old tombstone
+    assert t.stats().tombstones == 0
+    assert t.check().ok and len(t) == 6
+    assert t.get_many(stay[2:]).found.all()
+    t.close()
+
+
+def _keys_in_bucket(t: CallTable, b: int) -> set[str]:
+    snap_slots = {}
+    for s in range(b * 8, b * 8 + 8):
+        if t._m.tags[s] >= 2:
+            snap_slots[s] = t._m.rows["key"][s].decode()
+    return set(snap_slots.values())
