@@ -139,7 +139,7 @@ class CallTable:
                       g.row_size, self._row.unpack_from, self._row.pack_into, g.key_width,
                       g.key_field, g.seed)
         self._limit = g.limit
-        self._tomb_limit = g.capacity >> 4
+        self._tomb_limit = _tomb_limit(g)
 
     @classmethod
     def create(cls, name_or_path: str | os.PathLike, capacity: int, key_width: int = 64,
@@ -468,7 +468,7 @@ class CallTable:
             while (count + needed) > new_cap * g.max_load_ppm // 1_000_000:
                 new_cap *= 2
             self._rebuild_locked(m, new_cap)
-        elif count + tomb + needed > (g.limit + g.capacity) // 2 or tomb > g.capacity // 16:
+        elif count + tomb + needed > (g.limit + g.capacity) // 2 or tomb > _tomb_limit(g):
             # Tombstones (only ever left in buckets that were once full) lengthen
             # the walks of lookups for absent keys; rebuild before they matter.
             self._rebuild_locked(m, g.capacity)
@@ -587,7 +587,7 @@ class CallTable:
             q[o] = w + 2
         elif insert:
             g = self._g
-            if q[_W_COUNT] >= g.limit or q[_W_TOMB] > g.capacity >> 4:
+            if q[_W_COUNT] >= g.limit or q[_W_TOMB] > _tomb_limit(g):
                 m, w = self._make_room_locked(m, 1)
                 q = m.q
                 slot, free = _find_one(self._fast, field, tag)
@@ -1162,7 +1162,7 @@ class CallTable:
             if len(slots):
                 self._remove_slots_locked(m, w, slots)
                 _crashpoint("expire-removed")
-                if int(m.q[_W_TOMB]) > self._g.capacity // 16:
+                if int(m.q[_W_TOMB]) > _tomb_limit(self._g):
                     self._rebuild_locked(m, self._g.capacity)
         return out if return_rows else len(slots)
 
@@ -1275,6 +1275,16 @@ class CallTable:
             return CheckReport(again.ok, again.problems, notes + again.notes, repaired,
                                len(self._m.tags[self._m.tags >= 2]))
         return CheckReport(not problems, problems, notes, repaired, len(live))
+
+
+def _tomb_limit(g: Any) -> int:
+    """Tombstones a table tolerates before a writer rebuilds it.
+
+    1/16 of the slots, and never so many that live rows under the load limit
+    plus tombstones could pass the midpoint between the limit and a full
+    table: some EMPTY slots must remain for lookups of absent keys to stop.
+    """
+    return min(g.capacity >> 4, (g.capacity - g.limit) // 2)
 
 
 def _free_one(m: Mapping, slot: int) -> int:
