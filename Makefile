@@ -9,7 +9,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-dev
 
-.PHONY: demo test test-stress bench system-deps clean
+.PHONY: demo test test-stress bench bench-kamailio system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,13 @@ test-stress: $(STAMP) system-deps
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_core.py
+	$(BIN)/python bench/bench_lifecycle.py
+	$(BIN)/python bench/bench_analysis.py
+	test ! -f bench/bench_ingest.py || $(BIN)/python bench/bench_ingest.py
+
+# Kamailio with and without npcalls recording (needs the system packages)
+bench-kamailio: $(STAMP) system-deps
+	$(BIN)/python bench/bench_kamailio.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -91,8 +91,9 @@ def write_parquet(snap: np.ndarray, path_or_stream: Any, *, table: str,
                   host: str | None = None) -> int:
     """Write rows as Parquet (needs pyarrow: ``pip install npcalls[analysis]``).
 
-    Times are ``timestamp[ns, UTC]`` (null when unset), duration is
-    ``duration[ns]``, plus ``host`` and ``table`` string columns.
+    Times are ``timestamp[ns, UTC]`` (null when unset), ``duration`` is
+    ``duration[ns]`` and ``duration_s`` the same in float seconds (simpler in
+    SQL), plus ``host`` and ``table`` string columns.
     """
     try:
         import pyarrow as pa
@@ -109,6 +110,7 @@ def write_parquet(snap: np.ndarray, path_or_stream: Any, *, table: str,
         "start": pa.array(st, pa.timestamp("ns", tz="UTC"), mask=st_null),
         "end": pa.array(en, pa.timestamp("ns", tz="UTC"), mask=en_null),
         "duration": pa.array(en - st, pa.duration("ns"), mask=st_null | en_null),
+        "duration_s": pa.array((en - st) / 1e9, pa.float64(), mask=st_null | en_null),
         "state": pa.array(STATE_NAMES[states(snap)].tolist(), pa.string()),
         "host": pa.array([host] * n, pa.string()),
         "table": pa.array([table] * n, pa.string()),

@@ -64,23 +64,34 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def open_lock_file(path: str, mode: int, create: bool) -> int:
-    """Open (or create) a lock file without following a symlink at its last component."""
-    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
-    if create:
-        flags |= os.O_CREAT
+def open_lock_file(path: str, mode: int, create: bool) -> tuple[int, bool]:
+    """Open (or create) a lock file, never following a symlink at its last component.
+
+    Returns ``(fd, created)``.  A new lock file gets exactly ``mode`` (set with
+    fchmod: the umask must not keep a group the table is shared with out of
+    its lock).
+    """
+    import stat
+    base = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+    created = False
     try:
-        fd = os.open(path, flags, mode)
+        if create:
+            try:
+                fd = os.open(path, base | os.O_CREAT | os.O_EXCL, mode)
+                created = True
+                os.fchmod(fd, mode)
+            except FileExistsError:
+                fd = os.open(path, base)
+        else:
+            fd = os.open(path, base)
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        if e.errno == errno.ELOOP or (e.errno == errno.EEXIST and os.path.islink(path)):
             raise NpcallsError(f"lock file {path} is a symbolic link; refusing to follow it") from None
         raise
-    st = os.fstat(fd)
-    import stat
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise NpcallsError(f"lock file {path} is not a regular file")
-    return fd
+    return fd, created
 
 
 class WriterLock:
@@ -96,10 +107,13 @@ class WriterLock:
 
     def __init__(self, path: str, mode: int = 0o600) -> None:
         key = os.path.realpath(path)
+        self.created = False
+        """True if this handle created the lock file."""
         with _registry_guard:
             lf = _registry.get(key)
             if lf is None:
-                lf = _LockFile(key, open_lock_file(path, mode, create=True))
+                fd, self.created = open_lock_file(path, mode, create=True)
+                lf = _LockFile(key, fd)
                 _registry[key] = lf
             lf.refs += 1
         self._lf: _LockFile | None = lf
@@ -206,12 +220,13 @@ def lock_holder(path: str) -> int | None:
             return os.getpid()
         ltype, _, _, _, pid = struct.unpack(_FLOCK, fcntl.fcntl(lf.fd, fcntl.F_GETLK, query))
         return None if ltype == fcntl.F_UNLCK else pid
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        ltype, _, _, _, pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
-        return None if ltype == fcntl.F_UNLCK else pid
-    finally:
-        os.close(fd)
+    with _registry_guard:   # no handle of this process can take the lock while we close
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            ltype, _, _, _, pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+            return None if ltype == fcntl.F_UNLCK else pid
+        finally:
+            os.close(fd)

@@ -183,12 +183,21 @@ class CallTable:
                           FLAG_AUTO_GROW if auto_grow else 0)
         tmp = build_temp(path, g, mode)
         # The lock file exists before the table does, so that no writer can ever
-        # see a table without its lock.
-        lock = WriterLock(lock_path, mode)
+        # see a table without its lock.  A refused create leaves nothing behind.
+        try:
+            lock = WriterLock(lock_path, mode)
+        except BaseException:
+            os.unlink(tmp)
+            raise
         try:
             link_into_place(tmp, path)
         except BaseException:
             lock.close()
+            if lock.created:
+                try:
+                    os.unlink(lock_path)
+                except FileNotFoundError:
+                    pass
             raise
         lock.close()
         return cls.open(path)
@@ -341,6 +350,11 @@ class CallTable:
         ro = " readonly" if self._readonly else ""
         return (f"<CallTable {self._path}{ro}: {n} calls, capacity {self._g.capacity} "
                 f"(load {n / self._g.capacity:.2f}), key_width {self._kw}>")
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: capacity, calls, active calls, load and a few rows."""
+        from .analysis import table_html
+        return table_html(self)
 
     # ------------------------------------------------------------------ mapping state
 
@@ -628,8 +642,8 @@ class CallTable:
         tag = _xxh(field, self._seed)
         if tag < 2:
             tag += 2
-        if self._lock is None:
-            self._writable_lock()
+        if self._lockfile is None:
+            self._writable_lock()           # raises: closed or read-only
         with self._lock:
             m, w = self._begin_locked()
             slot, _ = _find_one(self._fast, field, tag)
@@ -752,6 +766,7 @@ class CallTable:
             ``(start, end, found)``: int64, int64 and bool arrays aligned with
             ``keys``; start/end are NOT_SET where not found or not recorded.
         """
+        _check_errors_arg(errors)
         fields, keyq, tag, enc = self._encode_batch(keys)
         m = self._live_mapping()
         valid = _valid_index(len(fields), enc.bad)
@@ -774,8 +789,12 @@ class CallTable:
 
     def contains_many(self, keys: Sequence[str | bytes] | np.ndarray, *,
                       errors: str = "raise") -> np.ndarray:
-        """Boolean array: which keys are present."""
-        return self.get_many(keys, errors=errors).found
+        """Boolean array: which keys are present (invalid keys: see :meth:`get_many`)."""
+        try:
+            return self.get_many(keys, errors=errors).found
+        except BatchKeyError as e:
+            e.result = e.result.found
+            raise
 
     def _stuck_ok(self) -> bool:
         return lock_holder(self._lock_path) is None
@@ -835,8 +854,7 @@ class CallTable:
 
     def _record(self, keys: Any, start_ts: Any, end_ts: Any, *, insert: bool, errors: str,
                 want: str, allow_unset: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        if errors not in ("raise", "ignore"):
-            raise ValueError(f"errors must be 'raise' or 'ignore', not {errors!r}")
+        _check_errors_arg(errors)
         lock = self._writable_lock()
         fields, keyq, tag, enc = self._encode_batch(keys)
         n = len(fields)
@@ -920,6 +938,7 @@ class CallTable:
     def remove_many(self, keys: Sequence[str | bytes] | np.ndarray, *,
                     errors: str = "raise") -> np.ndarray:
         """Remove many calls; bool per key, True where this call removed it."""
+        _check_errors_arg(errors)
         lock = self._writable_lock()
         fields, keyq, tag, enc = self._encode_batch(keys)
         n = len(fields)
@@ -960,8 +979,9 @@ class CallTable:
         """A copy of every call present, as a structured array ``(key, start, end)``.
 
         Taken without the lock and without blocking writers.  Each row is
-        consistent; a call present for the whole snapshot is always in it,
-        and rows written while it runs may or may not be.
+        consistent, no Call-ID appears twice, a call present for the whole
+        snapshot is always in it, and rows written while it runs may or may not
+        be (each row is as it was at some instant during the snapshot).
         """
         m = self._live_mapping()
         q = m.q
@@ -971,7 +991,7 @@ class CallTable:
         rows = np.take(m.rowq, live, axis=0)
         unstable = np.flatnonzero(~probe.row_is_stable(m.seqcol[live], w1, None))
         if len(unstable):
-            live, rows = self._reread_rows(m, live, rows, unstable)
+            live, rows = self._reread_rows(m, live, rows, tags[live], unstable)
         out = np.empty(len(live), snapshot_dtype(self._kw))
         out["start"] = rows[:, 1].view(np.int64)
         out["end"] = rows[:, 2].view(np.int64)
@@ -979,13 +999,21 @@ class CallTable:
         out["key"] = keys if self._kf == self._kw else keys.astype(f"S{self._kw}")
         return out
 
-    def _reread_rows(self, m: Mapping, live: np.ndarray, rows: np.ndarray,
+    def _reread_rows(self, m: Mapping, live: np.ndarray, rows: np.ndarray, tag: np.ndarray,
                      todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Re-read rows a writer touched while a snapshot copied them."""
+        """Re-read rows a writer touched while a snapshot copied them.
+
+        A call can move while a snapshot runs (removed from one slot, started
+        again in another): the older copy of a key that a re-read found again
+        is dropped, so that no key appears twice.
+        """
         keep = np.ones(len(live), bool)
+        when = np.zeros(len(live), np.int64)       # 0: first pass; k: k-th re-read round
         dead_w = None
         since = time.monotonic()
+        rounds = 0
         while len(todo):
+            rounds += 1
             w1 = m.q[_W_WSEQ]
             slots = live[todo]
             tg = np.take(m.tags, slots)
@@ -993,6 +1021,8 @@ class CallTable:
             ok = probe.row_is_stable(m.seqcol[slots], w1, dead_w)
             done = todo[ok]
             rows[done] = r[ok]
+            tag[done] = tg[ok]
+            when[done] = rounds
             keep[done[tg[ok] < 2]] = False          # removed meanwhile
             todo = todo[~ok]
             if len(todo) and time.monotonic() - since > 0.05:
@@ -1000,6 +1030,16 @@ class CallTable:
                     dead_w = int(w1)
                 else:
                     time.sleep(0.001)
+        reread = np.flatnonzero((when > 0) & keep)
+        if len(reread):
+            cand = np.flatnonzero(keep & np.isin(tag, tag[reread]))
+            newest: dict[bytes, int] = {}
+            for i in cand[np.argsort(when[cand], kind="stable")]:
+                k = rows[i, 3:].tobytes()
+                j = newest.get(k)
+                if j is not None:
+                    keep[j] = False                 # an older copy of this call
+                newest[k] = i
         return live[keep], rows[keep]
 
     def stats(self) -> Stats:
@@ -1436,6 +1476,11 @@ class _Unnamed:
         return f"<key #{i}>"
 
 
+def _check_errors_arg(errors: str) -> None:
+    if errors not in ("raise", "ignore"):
+        raise ValueError(f"errors must be 'raise' or 'ignore', not {errors!r}")
+
+
 def _file_mode(fd: int) -> int:
     return os.fstat(fd).st_mode & 0o7777
 
@@ -1449,15 +1494,7 @@ def _valid_index(n: int, bad: np.ndarray) -> np.ndarray | None:
 
 
 def _times(ts: Any, n: int, allow_unset: bool) -> np.ndarray | None:
+    """A batch's timestamps, validated in full before any write begins."""
     if ts is None and allow_unset:
         return None
-    if allow_unset and not (ts is None or np.isscalar(ts)):
-        a = np.asarray(ts)
-        if a.dtype.kind in "iu":
-            a = a.astype(np.int64, copy=False)
-            if len(a) != n:
-                return to_ns_array(a, n)
-            return a
-        if a.dtype.kind == "M":
-            return a.astype("datetime64[ns]").view(np.int64)   # NaT -> NOT_SET
-    return to_ns_array(ts, n)
+    return to_ns_array(ts, n, allow_unset)

@@ -69,47 +69,70 @@ def to_ns(ts: Any) -> int:
     raise _bad(ts, f"expected int nanoseconds or a datetime, not {t.__name__}")
 
 
-def to_ns_array(ts: Any, n: int) -> np.ndarray:
+def to_ns_array(ts: Any, n: int, allow_unset: bool = False) -> np.ndarray:
     """Normalise the timestamps of a batch of ``n`` keys to an int64 array of length ``n``.
 
     ``None`` means "now" (one reading of the clock for the whole batch); a
-    scalar is used for every key.
+    scalar is used for every key.  With ``allow_unset`` (record_many), NaT,
+    ``None`` elements and INT64_MIN are accepted and mean "not set".
+
+    Raises
+    ------
+    InvalidTimestampError
+        Naming the first bad position; nothing is written by the caller then.
     """
     if ts is None:
         return np.full(n, time.time_ns(), np.int64)
     if np.isscalar(ts) or isinstance(ts, (_dt.datetime, np.datetime64)):
+        if allow_unset and _is_unset(ts):
+            return np.full(n, NOT_SET, np.int64)
         return np.full(n, to_ns(ts), np.int64)
     a = np.asarray(ts)
     if a.size == 0 and a.dtype.kind == "f":
         a = a.astype(np.int64)          # np.asarray([]) is float64: an empty list is fine
-    if a.dtype == object:
-        try:
-            a = np.array([to_ns(x) for x in a.ravel()], np.int64)
-        except InvalidTimestampError:
-            raise
     if a.ndim != 1 or len(a) != n:
         raise InvalidTimestampError(f"expected {n} timestamps (one per key), got shape {a.shape}")
     kind = a.dtype.kind
+    if kind == "O":
+        out = np.empty(n, np.int64)
+        for i, x in enumerate(a.tolist()):
+            if allow_unset and _is_unset(x):
+                out[i] = NOT_SET
+                continue
+            try:
+                out[i] = to_ns(x)
+            except InvalidTimestampError as e:
+                raise InvalidTimestampError(f"timestamp #{i}: {e}") from None
+        return out
     if kind == "M":
         out = a.astype("datetime64[ns]").view(np.int64)
-        if (out == NOT_SET).any():
-            i = int(np.flatnonzero(out == NOT_SET)[0])
-            raise InvalidTimestampError(f"timestamp #{i} is NaT ('not set' is not a time)")
-        return out
-    if kind in "iu":
+    elif kind in "iu":
         if kind == "u" and len(a) and int(a.max()) > _I64_MAX:
-            raise InvalidTimestampError("timestamps exceed the int64 nanosecond range")
+            i = int(np.flatnonzero(a > _I64_MAX)[0])
+            raise InvalidTimestampError(f"timestamp #{i} ({int(a[i])}) exceeds the int64 "
+                                        "nanosecond range")
         out = a.astype(np.int64, copy=False)
-        if (out == NOT_SET).any():
-            i = int(np.flatnonzero(out == NOT_SET)[0])
-            raise InvalidTimestampError(f"timestamp #{i} is INT64_MIN, which means 'not set'")
-        return out
-    if kind == "b":
+    elif kind == "b":
         raise InvalidTimestampError("bool array is not timestamps")
-    if kind == "f":
+    elif kind == "f":
         raise InvalidTimestampError("float timestamps are refused: give int64 nanoseconds or "
                                     "datetime64, or convert with npcalls.from_seconds(seconds)")
-    raise InvalidTimestampError(f"timestamps of dtype {a.dtype} are not supported")
+    else:
+        raise InvalidTimestampError(f"timestamps of dtype {a.dtype} are not supported")
+    if not allow_unset and (out == NOT_SET).any():
+        i = int(np.flatnonzero(out == NOT_SET)[0])
+        raise InvalidTimestampError(f"timestamp #{i} is NaT / INT64_MIN, which means 'not set'")
+    return out
+
+
+def _is_unset(x: Any) -> bool:
+    if x is None:
+        return True
+    if isinstance(x, np.datetime64):
+        return bool(np.isnat(x))
+    if isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)):
+        return int(x) == NOT_SET
+    return False
 
 
 _UNITS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000,

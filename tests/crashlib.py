@@ -131,19 +131,42 @@ def writer(path: str, log_path: str, gen: int, seed: int, line_kill: int | None,
         log.write(f"E {gen} {opid}\n")
 
 
-def fork_writer(*args: Any, **kw: Any) -> int:
-    pid = os.fork()
-    if pid == 0:                                             # child
-        code = 0
-        try:
-            writer(*args, **kw)
-        except BaseException:                                # noqa: BLE001
-            import traceback
-            traceback.print_exc()
-            code = 3
-        finally:
-            os._exit(code)
-    return pid
+_CTX = None
+
+
+def _context():
+    """Writers are forked by a forkserver: a single-threaded parent by construction.
+
+    Forking the test process itself would copy whatever threads earlier tests
+    left running, and a lock one of them held would hang the child forever.
+    """
+    global _CTX
+    if _CTX is None:
+        import multiprocessing as mp
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(["numpy", "npcalls", "crashlib"])
+    return _CTX
+
+
+def fork_writer(*args: Any, **kw: Any) -> Any:
+    p = _context().Process(target=writer, args=args, kwargs=kw, daemon=True)
+    p.start()
+    return p
+
+
+def wait_dead(p: Any, timeout: float, what: str) -> bool:
+    """Wait for a writer; True if it was killed, False if it exited normally."""
+    p.join(timeout)
+    if p.exitcode is None:
+        p.kill()
+        p.join()
+        raise AssertionError(f"{what} neither died nor finished in {timeout} s")
+    if p.exitcode == -signal.SIGKILL:
+        return True
+    if p.exitcode == 0:
+        return False
+    raise AssertionError(f"{what} exited with status {p.exitcode} instead of being killed "
+                         "(an exception in the writer? see its traceback above)")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -263,28 +286,14 @@ def run_kills(path: str, log_path: str, kills: int, seed: int, pool_size: int = 
         how = rng.choice(("line", "timer")) if not crash_points else "point"
         line_kill = rng.randint(1, max_line) if how == "line" else None
         crash_at = frozenset([crash_points[gen % len(crash_points)]]) if crash_points else frozenset()
-        pid = fork_writer(path, log_path, gen, rng.getrandbits(32), line_kill, clock, pool,
-                          crash_at, mix)
+        p = fork_writer(path, log_path, gen, rng.getrandbits(32), line_kill, clock, pool,
+                        crash_at, mix)
         clock += 100_000_000
         if how == "timer":
             time.sleep(rng.uniform(0.002, 0.06))
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 60
-        while True:
-            wpid, status = os.waitpid(pid, os.WNOHANG)
-            if wpid:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise AssertionError(f"writer {gen} ({how}) neither died nor finished in 60 s")
-            time.sleep(0.001)
-        if os.WIFEXITED(status):
-            raise AssertionError(f"writer {gen} exited with status {os.WEXITSTATUS(status)} "
-                                 "instead of being killed (an exception in the writer?)")
+            p.kill()
+        if not wait_dead(p, 60, f"writer {gen} ({how})"):
+            raise AssertionError(f"writer {gen} ({how}) finished a million operations unkilled")
         stats[how] += 1
         cut_partial_line(log_path)
         ops = read_log(log_path)
@@ -327,25 +336,16 @@ def sweep(path: str, log_path: str, make_op: Any, stride: int = 1, max_kills: in
     gen = gen0
     while kills < max_kills:
         setup, op = make_op(line)
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                _sweep_child(path, log_path, gen, setup, op, line)
-            except BaseException:                            # noqa: BLE001
-                import traceback
-                traceback.print_exc()
-                code = 3
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
+        p = _context().Process(target=_sweep_child, args=(path, log_path, gen, setup, op, line),
+                               daemon=True)
+        p.start()
+        killed = wait_dead(p, 60, f"sweep writer for {op[0]} at line {line}")
         gen += 1
         cut_partial_line(log_path)
         ops = read_log(log_path)
         new_ops, consumed = ops[consumed:], len(ops)
         model = verify_after_kill(path, model, new_ops)
-        if os.WIFEXITED(status):
-            assert os.WEXITSTATUS(status) == 0, f"sweep writer failed on {op[0]}"
+        if not killed:
             return kills, model, consumed               # ran to the end: every line was hit
         kills += 1
         line += stride

@@ -71,6 +71,8 @@ def register(sub: Any) -> None:
     p.add_argument("--active", action="store_true", help="only calls that have not ended")
     p.add_argument("--epoch-ns", action="store_true", help="times as int ns (csv, jsonl)")
     p.add_argument("--no-header", action="store_true", help="csv without the header row")
+    p.add_argument("--host", metavar="NAME",
+                   help="parquet: value of the host column (default: this host's name)")
     p.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
     p.set_defaults(func=cmd_dump)
 
@@ -191,7 +193,7 @@ def cmd_dump(a: argparse.Namespace) -> int:
         import os
         name = os.path.basename(a.table)
         with out_stream(a.output, binary=True) as s:
-            export.write_parquet(snap, s, table=name)
+            export.write_parquet(snap, s, table=name, host=a.host)
         return 0
     stream = out_stream(a.output)
     try:
