@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_core.py
 	$(BIN)/python bench/bench_lifecycle.py
 	$(BIN)/python bench/bench_analysis.py
-	test ! -f bench/bench_ingest.py || $(BIN)/python bench/bench_ingest.py
+	$(BIN)/python bench/bench_ingest.py
 
 # Kamailio with and without npcalls recording (needs the system packages)
 bench-kamailio: $(STAMP) system-deps

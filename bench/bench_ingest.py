@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""Benchmark the log loaders: acc logs and CSV CDRs into a table, end to end.
+
+Generates a realistic Kamailio acc log (answered calls with re-INVITEs and
+callee-side BYEs, rejected, cancelled and challenged calls, dialog CDRs for
+every dialog, script and error lines quoting Call-IDs, workers' clocks a few
+ms apart), then measures in the same run:
+
+* ``npcalls.ingest.ingest`` into a fresh table (lines/s, end to end: reading,
+  parsing, writing the table);
+* a straightforward per-line Python parser feeding a dict (the baseline: the
+  same semantics, the code one writes first);
+* CSV CDRs (``call_id,start,end,duration_s,state`` as ``npcalls dump``
+  writes them, ISO 8601 times; and epoch-ns times) into a fresh table
+  (rows/s), and the CSV parser alone.
+
+Each measurement is the best of ``--repeat`` runs (the machine may be busy).
+
+Usage::
+
+    python bench/bench_ingest.py            # 1M lines
+    python bench/bench_ingest.py --quick    # 100k lines
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import npcalls  # noqa: E402
+from npcalls.ingest import ingest  # noqa: E402
+from npcalls.ingest.parallel import PARALLEL_MIN, default_jobs  # noqa: E402
+from npcalls.ingest.sources import open_source  # noqa: E402
+from npcalls.ingest.tabular import TabularParser  # noqa: E402
+
+T0 = 1795668428.0
+
+
+# ---------------------------------------------------------------------- generation
+
+def generate(path: str, n_lines: int, seed: int = 7) -> dict:
+    """Write a realistic acc log of about ``n_lines`` lines; return what it holds."""
+    rnd = random.Random(seed)
+    events: list[tuple[float, str]] = []
+    calls = 0
+    t = T0
+    i = 0
+    pids = [13750 + r for r in range(1, 9)]
+
+    def pfx(mod: str = "acc [acc.c:268]: acc_log_request(): ") -> str:
+        r = rnd.randrange(8)
+        return f" {r + 1}({pids[r]}) NOTICE: {mod}"
+
+    def acc(kind: str, ts: float, method: str, cid: str, code: int, reason: str,
+            ft: str, tt: str) -> str:
+        return (pfx() + f"ACC: {kind}: timestamp={int(ts)};t_ms={ts:.3f};method={method};"
+                f"from_tag={ft};to_tag={tt};call_id={cid};code={code};reason={reason};"
+                f"src_user=alice;src_domain=example.com;src_ip=10.0.0.{rnd.randrange(1, 250)};"
+                f"dst_ouser=bob;dst_user=bob;dst_domain=example.com;ua=Phone/{rnd.randrange(9)}.1;"
+                f"pid={rnd.choice(pids)}")
+
+    def cdr(st: float, en: float, cid: str) -> str:
+        dur = "0" if st == en else f"{en - st:.3f}"
+        return (pfx("acc [acc_cdr.c:395]: log_write_cdr(): ")
+                + f"start_time={st:.3f}; end_time={en:.3f}; duration={dur}; call_id={cid}; "
+                  f"src_user=alice")
+
+    while len(events) < n_lines:
+        i += 1
+        t += rnd.expovariate(300.0)
+        if rnd.random() < 0.05:             # a UUID-style Call-ID from another UA
+            cid = f"{rnd.getrandbits(128):032x}-{rnd.getrandbits(32):08x}@pbx{i % 7}.example.com"
+        else:
+            cid = f"{i}-{pids[i % 8]}@10.0.0.{i % 250}"
+        ft, tt = f"{i}SIPpTag00{i % 10}", f"{i}SIPpTag01{i % 10}"
+        r = rnd.random()
+        if r < 0.62 or 0.92 <= r < 0.97:
+            if r >= 0.92:                     # challenged first
+                events.append((t, acc("call missed", t, "INVITE", cid, 407,
+                                      "Proxy Authentication Required", ft, "")))
+                events.append((t, acc("transaction answered", t, "INVITE", cid, 407,
+                                      "Proxy Authentication Required", ft, "")))
+                events.append((t, cdr(t, t, cid)))
+                t2 = t + 0.04
+            else:
+                t2 = t
+            d = rnd.uniform(1.0, 240.0)
+            calls += 1
+            events.append((t2, acc("transaction answered", t2, "INVITE", cid, 200, "OK", ft, tt)))
+            if rnd.random() < 0.05:
+                tr = t2 + d / 2
+                events.append((tr, acc("transaction answered", tr, "INVITE", cid, 200, "OK",
+                                       ft, tt)))
+            te = t2 + d
+            if rnd.random() < 0.3:            # the callee hangs up
+                events.append((te, acc("transaction answered", te, "BYE", cid, 200, "OK", tt, ft)))
+            else:
+                events.append((te, acc("transaction answered", te, "BYE", cid, 200, "OK", ft, tt)))
+            events.append((te - 0.004, cdr(t2 + 0.004, te - 0.004, cid)))
+        elif r < 0.77:                        # busy / rejected
+            code, why = rnd.choice([(486, "Busy Here"), (480, "Temporarily Unavailable"),
+                                    (404, "Not Found"), (603, "Decline")])
+            events.append((t, acc("call missed", t, "INVITE", cid, code, why, ft, "")))
+            events.append((t, acc("transaction answered", t, "INVITE", cid, code, why, ft, "")))
+            events.append((t, cdr(t, t, cid)))
+        elif r < 0.87:                        # cancelled
+            tc = t + rnd.uniform(1, 20)
+            events.append((tc, acc("call missed", tc, "INVITE", cid, 487, "Request Terminated",
+                                   ft, "")))
+            events.append((tc, acc("transaction answered", tc, "INVITE", cid, 487,
+                                   "Request Terminated", ft, "")))
+            events.append((tc, acc("transaction answered", tc, "CANCEL", cid, 200, "OK", ft, "")))
+            events.append((tc, cdr(t, t, cid)))
+        else:                                 # noise quoting Call-IDs
+            if rnd.random() < 0.5:
+                events.append((t, f" 3(13753) INFO: <script>: INVITE from sip:alice@example.com "
+                                  f"call_id={cid} code=200 ru=sip:bob@example.com"))
+            else:
+                events.append((t, f" 5(13755) ERROR: tm [t_reply.c:641]: bad reply "
+                                  f"Call-ID: {cid} CSeq: 1 INVITE"))
+    # each worker logs on its own; lines of different workers cross by a few ms
+    events.sort(key=lambda e: e[0] + rnd.uniform(-0.003, 0.003))
+    events = events[:n_lines]
+    with open(path, "w") as f:
+        for _, line in events:
+            f.write(line)
+            f.write("\n")
+    return {"lines": len(events), "answered_calls": calls}
+
+
+# ---------------------------------------------------------------------- the baseline
+
+def baseline(path: str) -> dict:
+    """A straightforward per-line parser: split each acc line into a dict of fields."""
+    calls: dict[str, list] = {}
+    cdrs: dict[str, tuple] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            i = line.find("ACC: ")
+            if i >= 0:
+                kind, _, rest = line[i + 5:].partition(": ")
+                fields = dict(kv.split("=", 1) for kv in rest.rstrip("\r\n").split(";")
+                              if "=" in kv)
+                if kind == "call missed":
+                    continue
+                try:
+                    method, code, cid = fields["method"], int(fields["code"]), fields["call_id"]
+                    ts = fields.get("t_ms") or fields["timestamp"]
+                    t = int(round(float(ts) * 1e6)) * 1000
+                except (KeyError, ValueError):
+                    continue
+                if not 200 <= code < 300:
+                    continue
+                if method == "INVITE":
+                    c = calls.setdefault(cid, [None, None])
+                    if c[0] is None:
+                        c[0] = t
+                elif method == "BYE":
+                    c = calls.setdefault(cid, [None, None])
+                    if c[1] is None:
+                        c[1] = t
+                continue
+            j = line.find(" start_time=")
+            if j >= 0:
+                fields = dict(kv.strip().split("=", 1) for kv in line[j:].split(";")
+                              if "=" in kv)
+                try:
+                    if float(fields["duration"]) == 0:
+                        continue
+                    cdrs[fields["call_id"].strip()] = (
+                        int(round(float(fields["start_time"]) * 1e6)) * 1000,
+                        int(round(float(fields["end_time"]) * 1e6)) * 1000)
+                except (KeyError, ValueError):
+                    continue
+    for cid, (st, en) in cdrs.items():          # a CDR fills what the acc lines lack
+        c = calls.setdefault(cid, [None, None])
+        if c[0] is None:
+            c[0] = st
+        if c[1] is None:
+            c[1] = en
+    return calls
+
+
+# ---------------------------------------------------------------------- CSV
+
+def write_csv(path: str, n: int, epoch_ns: bool, seed: int = 3) -> int:
+    """``n`` CDRs as ``npcalls dump`` writes them (a tenth of the calls still active)."""
+    from npcalls.export import write_csv as _w
+    from npcalls.layout import snapshot_dtype
+    rng = np.random.default_rng(seed)
+    snap = np.empty(n, snapshot_dtype(64))
+    ids = rng.integers(0, 1 << 40, n)
+    snap["key"] = np.char.add(np.char.add(np.arange(n).astype("S10"), b"-"),
+                              np.char.add(np.char.mod(b"%x", ids).astype("S12"),
+                                          b"@10.0.0.1"))
+    start = int(T0 * 1e9) + np.sort(rng.integers(0, 86_400 * 10**9, n))
+    start -= start % 1000                           # dump writes microseconds
+    snap["start"] = start
+    end = start + rng.integers(10**9, 600 * 10**9, n) // 1000 * 1000
+    snap["end"] = np.where(rng.random(n) < 0.1, npcalls.NOT_SET, end)
+    with open(path, "w", newline="") as f:
+        return _w(snap, f, epoch_ns=epoch_ns)
+
+
+def csv_parse_only(path: str) -> int:
+    p = TabularParser("csv")
+    n = 0
+    line = 0
+    with open_source(path) as src:
+        for chunk in src.chunks():
+            r = p.parse(chunk, line, path)
+            line += r.lines
+            n += r.records
+    return n
+
+
+# ---------------------------------------------------------------------- measuring
+
+def best(fn, repeat: int) -> tuple[float, object]:
+    times = []
+    out = None
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lines", type=int, default=1_000_000)
+    ap.add_argument("--quick", action="store_true", help="100k lines, one run each")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=0,
+                    help="worker processes for the second acc run (default 0: the idle CPUs, "
+                         "as `npcalls ingest` picks them; the first run always uses 1)")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.lines, a.repeat = 100_000, 1
+    work = tempfile.mkdtemp(prefix="npcalls-bench-ingest-")
+    shm = tempfile.mkdtemp(prefix="npcalls-bench-ingest-", dir="/dev/shm"
+                           if os.path.isdir("/dev/shm") else None)
+    os.environ["NPCALLS_DIR"] = shm
+    res: dict = {}
+    try:
+        log = os.path.join(work, "acc.log")
+        t0 = time.perf_counter()
+        info = generate(log, a.lines)
+        size = os.path.getsize(log)
+        print(f"generated {info['lines']:,} lines ({size / 1e6:.0f} MB, "
+              f"{info['answered_calls']:,} answered calls) in {time.perf_counter() - t0:.1f} s")
+        n = info["lines"]
+        cap = max(1024, info["answered_calls"] * 2)
+        runs = [0]
+
+        def ours(jobs):
+            runs[0] += 1
+            name = f"acc{runs[0]}"
+            t = npcalls.CallTable.create(name, capacity=cap, key_width=64)
+            try:
+                return ingest(t, [log], jobs=jobs)
+            finally:
+                t.close()
+                npcalls.CallTable.unlink(name)
+
+        tb, calls = best(lambda: baseline(log), a.repeat)
+        to, summ = best(lambda: ours(1), a.repeat)
+        auto = default_jobs() if a.jobs == 0 else a.jobs
+        if size < PARALLEL_MIN:
+            auto = 1                        # small files are always parsed in-process
+        tj, _ = best(lambda: ours(auto), a.repeat) if auto > 1 else (None, None)
+        ended = sum(1 for c in calls.values() if c[0] is not None and c[1] is not None)
+        print(f"\nacc log, {n:,} lines:")
+        print(f"  npcalls ingest, 1 process     {to:7.2f} s  {n / to:>12,.0f} lines/s   "
+              f"[{summ.started:,} started, {summ.ended:,} ended, {summ.end_only:,} end-only]")
+        if tj is not None:
+            print(f"  npcalls ingest, {auto} processes   {tj:7.2f} s  {n / tj:>12,.0f} lines/s   "
+                  f"(parsing in {auto} worker processes)")
+        print(f"  per-line Python -> dict       {tb:7.2f} s  {n / tb:>12,.0f} lines/s   "
+              f"[{len(calls):,} calls, {ended:,} ended]")
+        print(f"  ratio, 1 process              {tb / to:7.1f}x")
+        if tj is not None:
+            print(f"  ratio, {auto} processes            {tb / tj:7.1f}x")
+        if summ.started != sum(1 for c in calls.values() if c[0] is not None):
+            print("  WARNING: the two parsers disagree on the number of started calls")
+        res["acc"] = dict(lines=n, seconds=to, lines_per_s=n / to, baseline_seconds=tb,
+                          baseline_lines_per_s=n / tb, ratio=tb / to,
+                          jobs=auto, seconds_jobs=tj, ratio_jobs=(tb / tj) if tj else None)
+        jobs = 1
+
+        # CSV CDRs, as `npcalls dump` writes them
+        n_csv = n
+        for label, epoch_ns in (("ISO 8601", False), ("epoch ns", True)):
+            csv_path = os.path.join(work, f"cdr-{'ns' if epoch_ns else 'iso'}.csv")
+            rows = write_csv(csv_path, n_csv, epoch_ns)
+            k = [0]
+
+            def load_csv():
+                k[0] += 1
+                name = f"csv{k[0]}"
+                tt = npcalls.CallTable.create(name, capacity=2 * rows, key_width=64)
+                try:
+                    return ingest(tt, [csv_path], jobs=jobs)
+                finally:
+                    tt.close()
+                    npcalls.CallTable.unlink(name)
+
+            def insert_only():
+                # what the table alone costs for these rows (the floor of any loader)
+                k[0] += 1
+                name = f"ins{k[0]}"
+                tt = npcalls.CallTable.create(name, capacity=2 * rows, key_width=64)
+                try:
+                    tt.record_many(keys, st, en)
+                finally:
+                    tt.close()
+                    npcalls.CallTable.unlink(name)
+
+            tc, s = best(load_csv, a.repeat)
+            tp, nparsed = best(lambda: csv_parse_only(csv_path), a.repeat)
+            p = TabularParser("csv")
+            with open_source(csv_path) as src:
+                parts = [p.parse(c) for c in src.chunks()]
+            keys = np.concatenate([x.acc_keys for x in parts])
+            st = np.concatenate([x.acc_start for x in parts])
+            en = np.concatenate([x.acc_end for x in parts])
+            ti, _ = best(insert_only, a.repeat)
+            print(f"\nCSV CDRs ({label} times), {rows:,} rows:")
+            print(f"  npcalls ingest (end to end)   {tc:7.2f} s  {rows / tc:>12,.0f} rows/s   "
+                  f"[{s.records:,} rows loaded]")
+            print(f"  CSV parsing alone             {tp:7.2f} s  {rows / tp:>12,.0f} rows/s")
+            print(f"  table record_many alone       {ti:7.2f} s  {rows / ti:>12,.0f} rows/s")
+            res[f"csv_{'ns' if epoch_ns else 'iso'}"] = dict(
+                rows=rows, seconds=tc, rows_per_s=rows / tc, parse_seconds=tp,
+                parse_rows_per_s=rows / tp, insert_seconds=ti, insert_rows_per_s=rows / ti)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=2)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

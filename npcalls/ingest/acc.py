@@ -1,0 +1,770 @@
+"""Kamailio / OpenSIPS acc log lines: transaction lines and CDR lines, a chunk at a time.
+
+What the acc module writes (Kamailio 5.x ``acc_log_request``, OpenSIPS alike)::
+
+    <any prefix>ACC: transaction answered: timestamp=1795668428;t_ms=1795668428.565;
+        method=INVITE;from_tag=..;to_tag=..;call_id=..;code=200;reason=OK[;extra=...]
+
+The prefix is whatever the logger put there (stderr ``rank(pid) NOTICE: acc
+[acc.c:268]: acc_log_request(): ``, an RFC 3164 or RFC 3339 syslog header, or
+nothing), so lines are found by the module's own text ``ACC: <kind>: `` and
+never by their prefix.  The time comes as ``timestamp=`` (seconds), plus with
+``time_mode`` 1 ``time_exten=`` (microseconds of that second), with mode 2
+``time_attr=`` / ``t_ms=`` (seconds.milliseconds), with modes 3/4 a date-time
+string (to the second, in local time for mode 3: ``timestamp=`` is preferred,
+it is the same second without a zone question).  The most precise one present
+is used.
+
+Kamailio's dialog CDRs (``log_write_cdr(): start_time=..; end_time=..;
+duration=..; call_id=..``) and OpenSIPS's ``ACC: call ended: created=..;
+call_start_time=..;duration=..;ms_duration=..`` lines describe whole calls.
+
+How a chunk is parsed
+---------------------
+Two ``re.findall`` passes (the patterns start with a literal, which the regex
+engine finds with a fast scan) capture the text after each marker; numpy's
+string ufuncs (``np.strings.find``/``slice``/``partition``) then cut the fields
+out of all those lines at once.  Rows the vectorized path cannot read with
+certainty (an unusual layout, a missing field, odd bytes in the Call-ID, a
+line longer than the capture) are handed to a careful per-line parser, which
+is also the reference the tests compare the fast path with.  Bad lines are
+reported with their line numbers, which are only computed for them.
+
+Meaning of lines (see DESIGN.md, "Field facts")
+-----------------------------------------------
+* answered INVITE (2xx, not ``call missed``): the call starts; a later
+  answered INVITE with the same Call-ID (re-INVITE) is ignored downstream,
+  because the first start is kept;
+* BYE with a 2xx: the call ends;
+* ``ACC: call missed`` lines, INVITEs with 3xx-6xx (rejected, challenged with
+  401/407, CANCELled with 487) start nothing;
+* a CDR with ``duration=0`` belongs to a dialog that was never answered;
+* every other acc line (ACK, CANCEL, OPTIONS, ...) is a good line with no event.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+import numpy as np
+
+from ..layout import NOT_SET
+from ._vec import (S, Template, decimal_ns, digits, field, find_in, gather, key_check, matrix,
+                   parse_iso, starts)
+
+__all__ = ["AccParser", "Parsed", "Problem", "parse_acc_text", "parse_cdr_text", "clean_eol"]
+
+_REST = 2048
+"""Bytes captured after a marker; the fields we need sit well inside, longer lines go slow."""
+
+# "." is "anything but \n" here (no DOTALL), and the engine runs it faster than [^\n]
+_ACC_RX = re.compile(rb"ACC: (.{0,%d})" % _REST)
+_CDR_RX = re.compile(rb" start_time=(.{0,%d})" % _REST)
+# a CDR line without any prefix starts with the field itself; the pattern that
+# allows this has no literal to scan for, so it is used only when needed
+_CDR_RX_BOL = re.compile(rb"(?:^| )start_time=(.{0,%d})" % _REST, re.M)
+_ESCAPES = re.compile(rb"(?:#0[0-3][0-7]|[\r\n])+$")
+
+_NS = 1_000_000_000
+_KNOWN_KINDS = frozenset({b"transaction answered", b"call missed", b"request acknowledged",
+                          b"request accounted", b"call ended"})
+_DEC_TIME_NAMES = (b"t_ms", b"time_attr")
+_EXT_TIME_NAMES = (b"time_exten",)
+_CID_NAMES = (b"call_id", b"callid", b"call-id", b"sip_call_id", b"sip_callid", b"ci")
+
+# outcomes of the per-line parser
+START, END, CDR, FAILED, NONE, IGNORED, BAD = range(7)
+
+
+class Problem(NamedTuple):
+    """A line that could not be loaded."""
+
+    source: str
+    line: int
+    kind: str
+    """``"bad"`` (a needed field missing or unreadable) or ``"too_long"`` (Call-ID > key width)."""
+    reason: str
+    text: str
+
+
+class Parsed:
+    """What one chunk of a log holds: event rows, counts and problems.
+
+    Attributes
+    ----------
+    acc_keys, acc_start, acc_end : numpy.ndarray
+        One row per start (answered INVITE) or end (answered BYE) line, in
+        log order; the other time is ``NOT_SET``.
+    cdr_keys, cdr_start, cdr_end : numpy.ndarray
+        One row per CDR of an answered call.
+    lines, acc_lines, cdr_lines, records, failed, ignored, bad, too_long : int
+        Counts of this chunk's lines (``records``: good CSV/JSON rows, whose
+        events are in the ``acc_*`` arrays).
+    problems : list of Problem
+        The first problems (as many as the parser was asked to keep).
+    """
+
+    __slots__ = ("acc_keys", "acc_start", "acc_end", "cdr_keys", "cdr_start", "cdr_end",
+                 "lines", "acc_lines", "cdr_lines", "records", "failed", "ignored", "bad",
+                 "too_long", "problems", "fold")
+
+    def __init__(self) -> None:
+        empty_k = np.empty(0, "S1")
+        empty_t = np.empty(0, np.int64)
+        self.acc_keys = self.cdr_keys = empty_k
+        self.acc_start = self.acc_end = self.cdr_start = self.cdr_end = empty_t
+        self.lines = self.acc_lines = self.cdr_lines = self.records = self.failed = 0
+        self.ignored = self.bad = self.too_long = 0
+        self.problems: list[Problem] = []
+        self.fold = True
+        """Whether rows of one call are likely to repeat (a log: INVITE, BYE, CDR
+        lines), so that folding a batch to one row per call pays."""
+
+    @property
+    def rows(self) -> int:
+        return len(self.acc_keys) + len(self.cdr_keys)
+
+
+# ---------------------------------------------------------------------- per line (reference)
+
+def clean_eol(b: bytes) -> bytes:
+    """Drop a line's end: CR/LF and rsyslog's escapes of control characters (``#015#012``)."""
+    return _ESCAPES.sub(b"", b)
+
+
+def _fields(body: bytes, sep: bytes = b";") -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for part in body.split(sep):
+        name, eq, val = part.partition(b"=")
+        if eq:
+            name = name.strip()
+            if name not in out:          # the core fields come first; extras may repeat names
+                out[name] = val.strip()
+    return out
+
+
+def _decimal(v: bytes) -> tuple[int, int] | None:
+    """``digits[.digits]`` seconds -> (fraction digits, ns), exactly; None if unreadable."""
+    ip, dot, fp = v.partition(b".")
+    if not (ip.isdigit() and len(ip) <= 11) or (fp and not fp.isdigit()):
+        return None
+    frac = fp[:9].ljust(9, b"0") if fp else b"0"
+    return min(len(fp), 9), int(ip) * _NS + int(frac)
+
+
+def _iso(v: bytes) -> int | None:
+    a, ok = parse_iso(np.array([v]))
+    return int(a[0]) if ok[0] else None
+
+
+def acc_time(f: dict[bytes, bytes]) -> tuple[int | None, str]:
+    """The most precise time an acc line holds: (ns, "") or (None, why not)."""
+    cands: list[tuple[int, int, int]] = []      # (fraction digits, rank, ns)
+    ts = f.get(b"timestamp")
+    ts_ns = None
+    if ts is not None and ts.isdigit() and len(ts) <= 12:
+        ts_ns = int(ts) * _NS
+        cands.append((0, 1, ts_ns))
+    for name in _DEC_TIME_NAMES:
+        v = f.get(name)
+        if v:
+            d = _decimal(v)
+            if d is not None:
+                cands.append((d[0], 3, d[1]))
+            else:
+                t = _iso(v)                     # time_mode 3/4: a date-time string
+                if t is not None:
+                    cands.append((0, 0, t))
+    for name in _EXT_TIME_NAMES:
+        v = f.get(name)
+        if v and ts_ns is not None and v.isdigit() and len(v) <= 6:
+            cands.append((6, 2, ts_ns + int(v) * 1000))
+    if cands:
+        return max(cands)[2], ""
+    if ts is None:
+        return None, "no time (timestamp=)"
+    return None, f"unreadable timestamp {_show(ts)}"
+
+
+def _show(v: bytes, n: int = 40) -> str:
+    s = v.decode("utf-8", "backslashreplace")
+    return repr(s if len(s) <= n else s[:n] + "...")
+
+
+def call_id_problem(cid: bytes) -> str | None:
+    """Why a Call-ID cannot be a key (None if it can): RFC 3261 wants printable ASCII.
+
+    Bytes above ASCII are accepted when they are valid UTF-8 (tables store
+    UTF-8 keys), never control bytes, spaces or NUL.
+    """
+    if not cid:
+        return "empty Call-ID"
+    if any(c < 33 or c == 127 for c in cid):
+        return f"Call-ID {_show(cid)} holds spaces or control bytes"
+    if max(cid) > 127:
+        try:
+            cid.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"Call-ID {_show(cid)} is not valid UTF-8"
+    return None
+
+
+def _call_id(body: bytes, f: dict[bytes, bytes]) -> bytes | None:
+    # The core fields are "...;call_id=<id>;code=...": taking what lies between
+    # keeps the whole value even if it (illegally) holds a ';', as the fast path does.
+    i = body.find(b"call_id=")
+    if i >= 0 and (i == 0 or body[i - 1:i] == b";"):
+        j = body.find(b";code=", i)
+        if j >= 0:
+            return body[i + 8:j]
+    for name in _CID_NAMES:
+        v = f.get(name)
+        if v is not None:
+            return v
+    return None
+
+
+def parse_acc_text(rest: bytes) -> tuple:
+    """Parse one acc line from just after ``ACC: `` (the careful, per-line reference).
+
+    Returns
+    -------
+    tuple
+        ``(START, cid, ns)``, ``(END, cid, ns)``, ``(CDR, cid, start, end)``,
+        ``(FAILED,)``, ``(NONE,)`` (a good line with no event),
+        ``(IGNORED,)`` (not an acc line after all) or ``(BAD, reason)``.
+    """
+    rest = clean_eol(rest)
+    kind, sep, body = rest.partition(b": ")
+    kind = kind.strip()
+    if not sep or not kind:
+        return (IGNORED,)
+    f = _fields(body)
+    if kind not in _KNOWN_KINDS and not (b"timestamp" in f or b"method" in f):
+        return (IGNORED,)
+    if kind == b"call ended":
+        return _opensips_cdr(f, body)
+    method = f.get(b"method")
+    if method is None:
+        return (BAD, "no method")
+    if not method.isalpha():
+        return (BAD, f"unreadable method {_show(method)}")
+    code = f.get(b"code")
+    if code is None:
+        return (BAD, "no code")
+    if not (code.isdigit() and len(code) == 3):
+        return (BAD, f"unreadable code {_show(code)}")
+    cid = _call_id(body, f)
+    if cid is None:
+        return (BAD, "no call_id")
+    t, why = acc_time(f)
+    if t is None:
+        return (BAD, why)
+    why = call_id_problem(cid)
+    if why:
+        return (BAD, why)
+    c = int(code)
+    if kind == b"call missed":
+        return (FAILED,)
+    if 200 <= c < 300:
+        if method == b"INVITE":
+            return (START, cid, t)
+        if method == b"BYE":
+            return (END, cid, t)
+    if method == b"INVITE":
+        return (FAILED,)
+    return (NONE,)
+
+
+def _opensips_cdr(f: dict[bytes, bytes], body: bytes) -> tuple:
+    cid = _call_id(body, f)
+    if cid is None:
+        return (BAD, "no call_id")
+    st = f.get(b"call_start_time")
+    if st is None or not st.isdigit():
+        return (BAD, "no readable call_start_time")
+    start = int(st) * _NS
+    ms = f.get(b"ms_duration")
+    du = f.get(b"duration")
+    if ms is not None and ms.isdigit():
+        end = start + int(ms) * 1_000_000
+    elif du is not None and du.isdigit():
+        end = start + int(du) * _NS
+    else:
+        return (BAD, "no readable duration")
+    why = call_id_problem(cid)
+    if why:
+        return (BAD, why)
+    code = f.get(b"code", b"200")
+    if not code.startswith(b"2"):
+        return (FAILED,)
+    return (CDR, cid, start, end)
+
+
+def _cdr_time(v: bytes | None) -> int | None:
+    if v is None:
+        return None
+    d = _decimal(v)
+    if d is not None:
+        return d[1]
+    return _iso(v)
+
+
+def parse_cdr_text(rest: bytes) -> tuple:
+    """Parse one Kamailio dialog CDR line from just after `` start_time=``.
+
+    Returns the same outcomes as :func:`parse_acc_text` (``CDR``, ``FAILED``
+    for a dialog never answered, ``IGNORED``, ``BAD``).
+    """
+    f = _fields(clean_eol(b"start_time=" + rest))
+    if b"end_time" not in f:
+        return (IGNORED,)
+    st, en = _cdr_time(f.get(b"start_time")), _cdr_time(f.get(b"end_time"))
+    if st is None:
+        return (BAD, "unreadable start_time")
+    if en is None:
+        return (BAD, "unreadable end_time")
+    cid = None
+    for name in _CID_NAMES:
+        cid = f.get(name)
+        if cid is not None:
+            break
+    if cid is None:
+        return (BAD, "no call_id in CDR")
+    du = f.get(b"duration")
+    if du is not None:
+        d = _decimal(du)
+        if d is None:
+            return (BAD, f"unreadable duration {_show(du)}")
+        dur = d[1]
+    else:
+        dur = en - st
+    why = call_id_problem(cid)
+    if why:
+        return (BAD, why)
+    if dur == 0:
+        return (FAILED,)         # set at dialog creation and never moved: not answered
+    return (CDR, cid, st, en)
+
+
+# ---------------------------------------------------------------------- per chunk (fast)
+
+class _Lines:
+    """Line numbers and texts of a chunk, computed only when a line must be reported."""
+
+    def __init__(self, chunk: bytes, base: int) -> None:
+        self.chunk = chunk
+        self.base = base
+        self._nl: np.ndarray | None = None
+        self._asked = 0
+
+    def number(self, off: int) -> int:
+        self._asked += 1
+        if self._nl is None and self._asked > 16:
+            self._nl = np.flatnonzero(np.frombuffer(self.chunk, np.uint8) == 10)
+        if self._nl is not None:
+            return self.base + int(np.searchsorted(self._nl, off)) + 1
+        return self.base + self.chunk.count(b"\n", 0, off) + 1
+
+    def text(self, off: int) -> bytes:
+        c = self.chunk
+        a = c.rfind(b"\n", 0, off) + 1
+        b = c.find(b"\n", off)
+        return c[a:b if b >= 0 else len(c)]
+
+
+def _line_text(b: bytes, n: int = 160) -> str:
+    s = clean_eol(b).decode("utf-8", "backslashreplace")
+    return s if len(s) <= n else s[:n] + "..."
+
+
+class AccParser:
+    """Parse chunks of acc logs into event arrays.
+
+    Parameters
+    ----------
+    key_width : int or None
+        The table's key width: longer Call-IDs are reported (``too_long``),
+        never truncated.
+    max_problems : int
+        How many problems to keep with their text (all are counted).
+    """
+
+    def __init__(self, key_width: int | None = None, max_problems: int = 10) -> None:
+        self.key_width = key_width
+        self.max_problems = max_problems
+        self.kept = 0
+        self._in_pass = 0
+        self._bol_cdr = False
+
+    # one chunk -------------------------------------------------------------
+
+    def parse(self, chunk: bytes, base_line: int = 0, source: str = "-") -> Parsed:
+        """Parse a chunk of whole lines (it must end with a newline).
+
+        Parameters
+        ----------
+        chunk : bytes
+        base_line : int
+            Lines of the source before this chunk (for line numbers).
+        source : str
+            The source's name, for problem reports.
+        """
+        p = self._parse(chunk, base_line, source)
+        # CDR lines with no prefix at all start with the field: the fast pass
+        # (which looks for " start_time=") took them for other lines.  Looking
+        # for them costs a search of the whole chunk, so only when some lines
+        # were not understood; once seen, the input is read that way.
+        if p.ignored and not self._bol_cdr and (chunk.startswith(b"start_time=")
+                                                or b"\nstart_time=" in chunk):
+            self._bol_cdr = True
+            self.kept -= len(p.problems)
+            p = self._parse(chunk, base_line, source)
+        return p
+
+    def _parse(self, chunk: bytes, base_line: int, source: str) -> Parsed:
+        p = Parsed()
+        p.lines = chunk.count(b"\n")
+        lines = _Lines(chunk, base_line)
+        has_nul = b"\x00" in chunk
+        acc_rows = _ACC_RX.findall(chunk)
+        cdr_rx = _CDR_RX_BOL if self._bol_cdr else _CDR_RX
+        # (the substring search skips a chunk without CDRs faster than the regex)
+        cdr_rows = cdr_rx.findall(chunk) if self._bol_cdr or b" start_time=" in chunk else []
+        slow_events: list[tuple[int, int, bytes, int, int]] = []   # (kind, row, cid, t1, t2)
+        if acc_rows:
+            self._in_pass = 0
+            self._acc(acc_rows, chunk, lines, has_nul, p, slow_events, source)
+        if cdr_rows:
+            self._in_pass = 0
+            self._cdr(cdr_rows, chunk, lines, has_nul, p, slow_events, source, cdr_rx)
+        elif slow_events:           # OpenSIPS "ACC: call ended" CDRs and no Kamailio CDR
+            p.cdr_keys, p.cdr_start, p.cdr_end = _merge(
+                np.empty(0, np.int64), np.empty(0, "S1"), np.empty(0, np.int64),
+                np.empty(0, np.int64), slow_events)
+        p.ignored = max(0, p.lines - p.acc_lines - p.cdr_lines - p.bad - p.too_long)
+        if p.problems:
+            p.problems.sort(key=lambda q: q.line)
+            del p.problems[max(0, self.max_problems - self.kept):]
+            self.kept += len(p.problems)
+        return p
+
+    def _problem(self, p: Parsed, kind: str, reason: str, source: str, lines: _Lines,
+                 off: int) -> None:
+        if kind == "bad":
+            p.bad += 1
+        else:
+            p.too_long += 1
+        # Each pass (acc lines, then CDR lines) meets its problems in line
+        # order and keeps as many as are still wanted; parse() merges the
+        # passes by line and keeps the first ones.
+        if self._in_pass < self.max_problems - self.kept:
+            self._in_pass += 1
+            p.problems.append(Problem(source, lines.number(off), kind, reason,
+                                      _line_text(lines.text(off))))
+
+    def _too_long_reason(self, n: int) -> str:
+        return (f"Call-ID is {n} bytes, longer than the table's key width of {self.key_width} "
+                f"(create the table with a larger key width, e.g. --key-width "
+                f"{max(n, 2 * (self.key_width or 0))})")
+
+    def _acc(self, rows: list[bytes], chunk: bytes, lines: _Lines, has_nul: bool, p: Parsed,
+             slow_events: list, source: str) -> None:
+        n = len(rows)
+        A = np.array(rows)
+        if A.dtype.itemsize == 0:
+            A = A.astype("S1")
+        m = matrix(A)
+        # "<kind>: timestamp=S[;name=value...];method=M;from_tag=..;to_tag=..;call_id=C;code=NNN"
+        kpos = S.find(A, b": timestamp=")
+        p_m = S.find(A, b";method=", starts(kpos))
+        p_c = S.find(A, b";call_id=", starts(p_m))
+        p_k = S.find(A, b";code=", starts(p_c))
+        ok = (kpos > 0) & (p_m > kpos) & (p_c > p_m) & (p_k > p_c)
+        missed = S.startswith(A, b"call missed: ")
+        ok &= ~S.startswith(A, b"call ended: ")
+        t, tok = _acc_times(A, m, kpos, p_m, ok)
+        ok &= tok
+        # the method: INVITE and BYE at a glance, anything else checked as a token
+        g = gather(m, p_m + 8, None, 7)
+        is_inv = (g == _INVITE).all(axis=1)
+        is_bye = (g[:, :4] == _BYE).all(axis=1)
+        other = np.flatnonzero(ok & ~is_inv & ~is_bye)
+        if len(other):
+            sub = A[other]
+            me = find_in(sub, b";", p_m[other] + 8, p_c[other] + 1)
+            ok[other] &= S.isalpha(field(sub, p_m[other] + 8, me))
+        # the code: three digits, then ';' or the end of the line
+        g = gather(m, p_k + 6, None, 4)
+        ok &= ((g[:, :3] >= 48) & (g[:, :3] <= 57)).all(axis=1) & ((g[:, 3] == 59) | (g[:, 3] == 0))
+        c0 = g[:, 0]
+        cid = field(A, p_c + 9, p_k, m)
+        kok, too_long, odd = key_check(cid, self.key_width, has_nul)
+        ok &= ~odd
+        if has_nul:
+            ok &= np.array([b"\x00" not in r for r in rows], bool)
+        two = (c0 == 50) & ~missed                  # 2xx
+        good = ok & kok
+        start_row = good & two & is_inv
+        end_row = good & two & is_bye
+        p.failed += int(np.count_nonzero(good & (missed | (is_inv & ~two))))
+        p.acc_lines += int(np.count_nonzero(good))
+        offsets: list[int] | None = None
+        # a Call-ID too long for the table matters only on a line that starts
+        # or ends a call; other lines (failed calls, ACKs) are good lines
+        tl = np.flatnonzero(ok & too_long & two & (is_inv | is_bye))
+        p.acc_lines += int(np.count_nonzero(ok & too_long)) - len(tl)
+        p.failed += int(np.count_nonzero(ok & too_long & (missed | (is_inv & ~two))))
+        slow = np.flatnonzero(~ok)
+        if len(tl) or len(slow):
+            offsets = [m.start() for m in _ACC_RX.finditer(chunk)]
+        for i in tl.tolist():
+            self._problem(p, "too_long", self._too_long_reason(len(cid[i])), source, lines,
+                          offsets[i])
+        for i in slow.tolist():
+            off = offsets[i]
+            row = rows[i]
+            if len(row) >= _REST:       # the capture stopped short of the line's end
+                row = chunk[off + 5:chunk.find(b"\n", off)]
+            r = parse_acc_text(row)
+            self._slow_outcome(r, i, p, slow_events, source, lines, off, "acc")
+        ev = start_row | end_row
+        keys = cid[ev]
+        st = np.where(start_row, t, NOT_SET)[ev]
+        en = np.where(end_row, t, NOT_SET)[ev]
+        acc_ev = [e for e in slow_events if e[0] in (START, END)]
+        if acc_ev:
+            keys, st, en = _merge(np.flatnonzero(ev), keys, st, en, acc_ev)
+        p.acc_keys, p.acc_start, p.acc_end = keys, st, en
+        slow_events[:] = [e for e in slow_events if e[0] == CDR]
+
+    def _slow_outcome(self, r: tuple, i: int, p: Parsed, slow_events: list, source: str,
+                      lines: _Lines, off: int, what: str) -> None:
+        kind = r[0]
+        if kind == BAD:
+            self._problem(p, "bad", f"{what} line: {r[1]}", source, lines, off)
+            return
+        if kind == IGNORED:
+            return
+        if kind in (START, END, CDR):
+            cid = r[1]
+            if self.key_width and len(cid) > self.key_width:
+                self._problem(p, "too_long", self._too_long_reason(len(cid)), source, lines, off)
+                return
+            if kind == START:
+                slow_events.append((START, i, cid, r[2], NOT_SET))
+            elif kind == END:
+                slow_events.append((END, i, cid, NOT_SET, r[2]))
+            else:
+                # OpenSIPS "call ended" lines are CDRs found by the acc pass:
+                # their row numbers are offset so they sort after the CDR pass' rows
+                slow_events.append((CDR, i if what == "cdr" else (1 << 40) + i, cid, r[2], r[3]))
+        if kind == FAILED:
+            p.failed += 1
+        if what == "cdr":
+            p.cdr_lines += 1
+        else:
+            p.acc_lines += 1
+
+    def _cdr(self, rows: list[bytes], chunk: bytes, lines: _Lines, has_nul: bool, p: Parsed,
+             slow_events: list, source: str, rx: re.Pattern = _CDR_RX) -> None:
+        n = len(rows)
+        B = np.array(rows)
+        if B.dtype.itemsize == 0:
+            B = B.astype("S1")
+        m = matrix(B)
+        st, en, dstart, ok, cand = _cdr_times(B, m)
+        # the duration only matters as zero (a dialog never answered: Kamailio
+        # writes "0") or not; its digits are checked, not converted
+        du_end = S.find(B, b";", starts(dstart))
+        p_c = S.find(B, b"; call_id=", starts(du_end))
+        ok &= (dstart > 0) & (du_end > dstart) & (p_c >= du_end)
+        du_f = field(B, dstart, du_end, m)
+        du_digits = S.replace(du_f, b".", b"", 1)
+        ok &= S.isdigit(du_digits)
+        du = S.str_len(S.lstrip(du_digits, b"0"))          # 0 for a zero duration
+        c_end = S.find(B, b";", starts(p_c + 10))
+        c_end = np.where(c_end < 0, S.str_len(B), c_end)
+        cid = S.rstrip(field(B, p_c + 10, c_end, m), b" \t\r")
+        kok, too_long, odd = key_check(cid, self.key_width, has_nul)
+        ok &= ~odd & (S.find(cid, b"#") < 0)      # rsyslog escapes: the careful parser strips them
+        if has_nul:
+            ok &= np.array([b"\x00" not in r for r in rows], bool)
+        good = ok & kok
+        answered = good & (du != 0)
+        p.failed += int(np.count_nonzero(good & (du == 0)))
+        p.cdr_lines += int(np.count_nonzero(good))
+        tl = np.flatnonzero(ok & too_long & (du != 0))
+        p.cdr_lines += int(np.count_nonzero(ok & too_long)) - len(tl)
+        p.failed += int(np.count_nonzero(ok & too_long & (du == 0)))
+        slow = np.flatnonzero(~ok & cand)
+        offsets: list[int] | None = None
+        if len(tl) or len(slow):
+            # where each row's text starts (inside its line, for line numbers)
+            offsets = [m.start(1) for m in rx.finditer(chunk)]
+        for i in tl.tolist():
+            self._problem(p, "too_long", self._too_long_reason(len(cid[i])), source, lines,
+                          offsets[i])
+        for i in slow.tolist():
+            off = offsets[i]
+            row = rows[i]
+            if len(row) >= _REST:
+                row = chunk[off:chunk.find(b"\n", off)]
+            r = parse_cdr_text(row)
+            self._slow_outcome(r, i, p, slow_events, source, lines, off, "cdr")
+        keys, s2, e2 = cid[answered], st[answered], en[answered]
+        if slow_events:
+            keys, s2, e2 = _merge(np.flatnonzero(answered), keys, s2, e2, slow_events)
+        p.cdr_keys, p.cdr_start, p.cdr_end = keys, s2, e2
+        slow_events.clear()
+
+_INVITE = np.frombuffer(b"INVITE;", np.uint8)
+_BYE = np.frombuffer(b"BYE;", np.uint8)
+
+# (layout from ": timestamp=" to ";method=", digit run of the seconds, of the fraction)
+_ACC_TIME_TEMPLATES = [
+    (Template(b": timestamp=##########;t_ms=##########.###"), 1, 2),
+    (Template(b": timestamp=##########;time_attr=##########.###"), 1, 2),
+    (Template(b": timestamp=##########"), 0, None),
+]
+# (layout of a CDR line from after " start_time=" to the duration's value)
+_CDR_TEMPLATES = [
+    Template(b"##########.###; end_time=##########.###; duration="),
+    Template(b"##########.######; end_time=##########.######; duration="),
+]
+
+
+def _acc_times(A: np.ndarray, m: np.ndarray, kpos: np.ndarray, p_m: np.ndarray,
+               cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The time of each acc row (ns) and whether the fast path may take it.
+
+    Rows whose time section has one of the usual layouts are read by
+    template; the rest by :func:`_acc_times_general`.
+    """
+    n = len(A)
+    t = np.zeros(n, np.int64)
+    ok = np.zeros(n, bool)
+    todo = cand.copy()
+    length = p_m - kpos
+    for tpl, ri, rf in _ACC_TIME_TEMPLATES:
+        sel = np.flatnonzero(todo & (length == tpl.size))
+        if not len(sel):
+            continue
+        hit, vals = tpl.match(m, kpos[sel], sel)
+        rows = sel[hit]
+        v = vals[ri][hit] * _NS
+        if rf is not None:
+            flen = tpl.runs[rf][1]
+            v += vals[rf][hit] * 10 ** (9 - flen)
+        t[rows] = v
+        ok[rows] = True
+        todo[rows] = False
+    rest = np.flatnonzero(todo)
+    if len(rest):
+        sub = A[rest]
+        t[rest], ok[rest] = _acc_times_general(sub, matrix(sub), kpos[rest], p_m[rest])
+    return t, ok
+
+
+def _acc_times_general(A: np.ndarray, m: np.ndarray, kpos: np.ndarray, p_m: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Any "timestamp=S[;name=value...]" section, as :func:`acc_time` reads it."""
+    n = len(A)
+    ok = np.ones(n, bool)
+    t0 = kpos + 12
+    ts_end = find_in(A, b";", t0, p_m + 1)
+    ts_end = np.where(ts_end < 0, p_m, ts_end)
+    t = np.zeros(n, np.int64)
+    have_t = np.zeros(n, bool)
+    more = ts_end < p_m
+    ext = None
+    if more.any():
+        eq = find_in(A, b"=", ts_end + 1, p_m)
+        v_end = find_in(A, b";", eq + 1, p_m + 1)
+        v_end = np.where(v_end < 0, p_m, v_end)
+        named = more & (eq > 0)
+        name = field(A, ts_end + 1, np.where(named, eq, ts_end + 1), m, 10)
+        # a second precise time further on: let the careful parser choose
+        tail = named & (v_end < p_m)
+        if tail.any():
+            ok &= ~(tail & ((find_in(A, b"t_ms=", v_end, p_m) >= 0)
+                            | (find_in(A, b"time_", v_end, p_m) >= 0)))
+        dec = named & ((name == _DEC_TIME_NAMES[0]) | (name == _DEC_TIME_NAMES[1]))
+        if dec.any():
+            d, dok = decimal_ns(A, eq + 1, v_end, _NS, 11, m)
+            have_t = dec & dok
+            t = np.where(have_t, d, t)
+        ext = named & (name == _EXT_TIME_NAMES[0])
+    # timestamp= (seconds) is only read where no more precise time was
+    need = ~have_t
+    if need.any():
+        ts, tok = digits(m, t0, ts_end, 12)
+        ok &= tok | have_t
+        ts_ns = ts * _NS
+        if ext is not None and ext.any():
+            u, uok = digits(m, eq + 1, v_end, 6)
+            ts_ns = np.where(ext & uok, ts_ns + u * 1000, ts_ns)
+        t = np.where(have_t, t, ts_ns)
+    return t, ok
+
+
+def _cdr_times(B: np.ndarray, m: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """start, end (ns), where the duration's value starts, ok, and which rows are CDRs."""
+    n = len(B)
+    st = np.zeros(n, np.int64)
+    en = np.zeros(n, np.int64)
+    dstart = np.full(n, -1, np.int64)
+    ok = np.zeros(n, bool)
+    todo = np.ones(n, bool)
+    all_rows = np.arange(n)
+    for tpl in _CDR_TEMPLATES:
+        sel = all_rows[todo]
+        if not len(sel):
+            break
+        hit, vals = tpl.match(m, np.zeros(len(sel), np.int64), sel)
+        rows = sel[hit]
+        f = 10 ** (9 - tpl.runs[1][1])
+        st[rows] = vals[0][hit] * _NS + vals[1][hit] * f
+        en[rows] = vals[2][hit] * _NS + vals[3][hit] * f
+        dstart[rows] = tpl.size
+        ok[rows] = True
+        todo[rows] = False
+    cand = ok.copy()
+    rest = np.flatnonzero(todo)
+    if len(rest):
+        sub = B[rest]
+        sm = matrix(sub)
+        p_e = S.find(sub, b"; end_time=")
+        c = p_e >= 0
+        # "end_time=" without the usual "; " before it: the careful parser decides
+        c |= S.find(sub, b"end_time=") >= 0
+        p_d = S.find(sub, b"; duration=", starts(p_e))
+        good = (p_e > 0) & (p_d > p_e)
+        s1, ok1 = decimal_ns(sub, np.zeros(len(sub), np.int64), p_e, _NS, 11, sm)
+        e1, ok2 = decimal_ns(sub, p_e + 11, find_in(sub, b";", p_e + 11, p_d + 1), _NS, 11, sm)
+        good &= ok1 & ok2
+        st[rest], en[rest], ok[rest], cand[rest] = s1, e1, good, c
+        dstart[rest] = np.where(good, p_d + 11, -1)
+    return st, en, dstart, ok, cand
+
+
+def _merge(fast_rows: np.ndarray, keys: np.ndarray, st: np.ndarray, en: np.ndarray,
+           slow: list[tuple[int, int, bytes, int, int]]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge slow-path events into the fast arrays, in log (row) order."""
+    rows = np.concatenate([fast_rows, np.array([e[1] for e in slow], np.int64)])
+    k = np.concatenate([keys, np.array([e[2] for e in slow])]) if len(keys) else \
+        np.array([e[2] for e in slow])
+    s = np.concatenate([st, np.array([e[3] for e in slow], np.int64)])
+    e = np.concatenate([en, np.array([e[4] for e in slow], np.int64)])
+    o = np.argsort(rows, kind="stable")
+    return k[o], s[o], e[o]
+
+
+def parse_text(text: bytes, key_width: int | None = None) -> Parsed:
+    """Parse a whole text at once (convenience for tests and small inputs)."""
+    if text and not text.endswith(b"\n"):
+        text += b"\n"
+    return AccParser(key_width, max_problems=1 << 30).parse(text)
