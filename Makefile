@@ -7,17 +7,24 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
+CORE    := $(VENV)/.installed-core
 STAMP   := $(VENV)/.installed-dev
 
 .PHONY: demo test test-stress bench bench-kamailio system-deps clean
 
-$(STAMP): pyproject.toml
+# npcalls alone (numpy, xxhash): all the demo needs
+$(CORE): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $(CORE)
+
+# plus the analysis extra, test tools and benchmark peers
+$(STAMP): $(CORE)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(BIN)/npcalls demo
 
 system-deps:

@@ -192,21 +192,39 @@ def churn(t: CallTable, cycles: int, active: int, batch: int, seed: int) -> None
         t.expire(ended_before=serial - n)
 
 
+def miss_walk(t: CallTable) -> float:
+    """Mean buckets a lookup of an absent key visits (its home uniformly random).
+
+    A miss stops at the first bucket holding an EMPTY slot, so from bucket b
+    it visits (distance to the next such bucket) + 1.
+    """
+    has_empty = (t._m.tags2d == 0).any(axis=1)
+    e = np.flatnonzero(has_empty)
+    nb = len(has_empty)
+    nxt = np.searchsorted(e, np.arange(nb))             # next bucket with an EMPTY slot
+    dist = np.where(nxt < len(e), e[np.minimum(nxt, len(e) - 1)] - np.arange(nb),
+                    e[0] + nb - np.arange(nb))
+    return float(dist.mean()) + 1.0
+
+
 def test_churn_keeps_probe_lengths_of_a_fresh_table(path):
     """1M calls through a 1M-slot table holding ~300k: probing stays as on a fresh table."""
-    t = CallTable.create(path, 1 << 20, key_width=16)
+    t = CallTable.create(path, 1 << 20, key_width=16, seed=11)
     churn(t, cycles=1_000_000, active=250_000, batch=50_000, seed=1)
     s = t.stats()
     assert 250_000 <= s.count <= 350_000, s
     fresh_path = path + ".fresh"
-    f = CallTable.create(fresh_path, 1 << 20, key_width=16)
+    f = CallTable.create(fresh_path, 1 << 20, key_width=16, seed=11)
     snap = t.snapshot()
     f.record_many(snap["key"], snap["start"], snap["end"])
     fs = f.stats()
-    # documented bound: mean probe within 2% and max within 1 bucket of a fresh
-    # table holding the same calls; tombstones below 1/16 of the slots
-    assert s.mean_probe <= fs.mean_probe * 1.02, (s, fs)
-    assert s.max_probe <= fs.max_probe + 1, (s, fs)
+    # Documented bound (README): a lookup visits at most 1% more buckets than on
+    # a fresh table holding the same calls, for hits (mean probe) and misses
+    # alike; the longest walk is at most 2 buckets longer; tombstones stay
+    # below 1/16 of the slots.
+    assert s.mean_probe <= fs.mean_probe * 1.01, (s, fs)
+    assert miss_walk(t) <= miss_walk(f) * 1.01, (miss_walk(t), miss_walk(f))
+    assert s.max_probe <= fs.max_probe + 2, (s, fs)
     assert s.tombstones <= s.capacity // 16
     assert t.check().ok
     f.close()
@@ -216,10 +234,11 @@ def test_churn_keeps_probe_lengths_of_a_fresh_table(path):
 
 @pytest.mark.stress
 def test_ten_million_churn_cycles(path):
-    t = CallTable.create(path, 1 << 20, key_width=16)
+    t = CallTable.create(path, 1 << 20, key_width=16, seed=12)
     churn(t, cycles=10_000_000, active=250_000, batch=50_000, seed=2)
     s = t.stats()
-    assert s.mean_probe < 1.05 and s.max_probe <= 4 and s.tombstones <= s.capacity // 16
+    assert s.mean_probe < 1.01 and s.max_probe <= 5 and s.tombstones <= s.capacity // 16
+    assert miss_walk(t) < 1.02
     assert t.check().ok
     t.close()
 
