@@ -500,7 +500,14 @@ class CallTable:
         a full table) go through the general methods.
         """
         mm, mv, q, qi, nb, tags_off, rows_off, rs, _, pack_row, kw, kf, seed = self._fast
-        field = encode_key(call_id, kw, kf)
+        if type(call_id) is str and call_id.isascii():      # encode_key's common case
+            field = call_id.encode()
+            if not 0 < len(field) <= kw or 0 in field:
+                field = encode_key(call_id, kw, kf)
+            else:
+                field = field.ljust(kf, b"\x00")
+        else:
+            field = encode_key(call_id, kw, kf)
         if ts is None:
             ts = _time_ns()
         elif type(ts) is not int or not -_I64_MAX <= ts <= _I64_MAX:
@@ -524,7 +531,9 @@ class CallTable:
                     return self._write_one_locked(field, tag, ts, col, insert)
                 b = ((tag >> 32) * nb) >> 32
                 free = -1
-                for _ in range(nb):
+                left = nb
+                while left:
+                    left -= 1
                     blk = _TAGS8.unpack_from(mv, tags_off + (b << 6))
                     if tag in blk:
                         j = blk.index(tag)
@@ -669,7 +678,15 @@ class CallTable:
         Either value may be :data:`NOT_SET` (an active call has no end yet).
         """
         _, mv, q, _, nb, tags_off, rows_off, rs, unpack_row, _, kw, kf, seed = self._fast
-        field = encode_key(call_id, kw, kf)
+        # encode_key's common case, inlined (a function call is ~8% of a get)
+        if type(call_id) is str and call_id.isascii():
+            field = call_id.encode()
+            if not 0 < len(field) <= kw or 0 in field:
+                field = encode_key(call_id, kw, kf)
+            else:
+                field = field.ljust(kf, b"\x00")
+        else:
+            field = encode_key(call_id, kw, kf)
         tag = _xxh(field, seed)
         if tag < 2:
             tag += 2
@@ -677,22 +694,18 @@ class CallTable:
             self._live_mapping()
             return self.get(call_id)
         b = ((tag >> 32) * nb) >> 32
-        for _ in range(nb):
+        left = nb
+        while True:
             blk = _TAGS8.unpack_from(mv, tags_off + (b << 6))
             if tag in blk:
                 j = blk.index(tag)
                 while True:
                     o = rows_off + ((b << 3) + j) * rs
                     o8 = o >> 3
-                    spins = 0
-                    while True:
-                        s1 = q[o8]
-                        _, st, en, key = unpack_row(mv, o)
-                        if s1 == q[o8] and not s1 & 1:
-                            break
-                        spins += 1
-                        if spins > 1000 and s1 == q[o8] and self._writer_is_dead(spins):
-                            break
+                    s1 = q[o8]
+                    _, st, en, key = unpack_row(mv, o)
+                    if s1 != q[o8] or s1 & 1:
+                        st, en, key = self._read_row_slow(mv, q, o, unpack_row)
                     if key == field:
                         return st, en
                     if tag not in blk[j + 1:]:          # another key with this tag: 2**-64
@@ -700,10 +713,25 @@ class CallTable:
                     j = blk.index(tag, j + 1)
             if 0 in blk:
                 return None
+            left -= 1
+            if not left:
+                return None
             b += 1
             if b == nb:
                 b = 0
-        return None
+
+    def _read_row_slow(self, mv: Any, q: Any, o: int, unpack_row: Any) -> tuple[int, int, bytes]:
+        """Re-read a row a writer is changing (classic seqlock: seq, row, seq)."""
+        o8 = o >> 3
+        spins = 0
+        while True:
+            s1 = q[o8]
+            _, st, en, key = unpack_row(mv, o)
+            if s1 == q[o8] and not s1 & 1:
+                return st, en, key
+            spins += 1
+            if spins > 1000 and s1 == q[o8] and self._writer_is_dead(spins):
+                return st, en, key
 
     def _writer_is_dead(self, spins: int) -> bool:
         """A row has stayed mid-write through ``spins`` re-reads: is its writer gone?
