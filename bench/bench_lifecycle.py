@@ -20,23 +20,7 @@ import numpy as np
 
 from npcalls import CallTable
 from npcalls.layout import W
-
-
-def churn(t: CallTable, cycles: int, active: int, batch: int) -> float:
-    rng = np.random.default_rng(7)
-    serial = 0
-    t0 = time.perf_counter()
-    while serial < cycles:
-        n = min(batch, cycles - serial)
-        keys = np.char.add(b"c", np.arange(serial, serial + n).astype("S12"))
-        t.start_many(keys, serial + np.arange(n))
-        old = serial - active
-        if old >= 0:
-            ended = np.char.add(b"c", np.arange(old, old + n).astype("S12"))
-            t.stop_many(ended, serial + rng.integers(0, n, n))
-        serial += n
-        t.expire(ended_before=serial - n)
-    return time.perf_counter() - t0
+from npcalls.simulate import churn
 
 
 def lookup_rate(t: CallTable, keys: np.ndarray, reps: int = 3) -> float:
@@ -59,7 +43,9 @@ def main() -> None:
     paths = [p, p + "-fresh", p + "-big"]
     try:
         t = CallTable.create(p, 1 << 20, key_width=16)
-        secs = churn(t, cycles, active=250_000, batch=50_000)
+        t0 = time.perf_counter()
+        churn(t, cycles, active=250_000, batch=50_000, seed=7)
+        secs = time.perf_counter() - t0
         s = t.stats()
         snap = t.snapshot()
         f = CallTable.create(p + "-fresh", 1 << 20, key_width=16)

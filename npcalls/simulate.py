@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SimConfig", "SimResult", "run", "default_capacity"]
+__all__ = ["SimConfig", "SimResult", "run", "default_capacity", "churn"]
 
 _S = 1_000_000_000
 
@@ -403,3 +403,26 @@ def main_from_args(a: Any) -> int:
         import json
         print(json.dumps(res.__dict__))
     return 2 if res.errors else 0
+
+
+def churn(table: Any, cycles: int, active: int, batch: int = 50_000, seed: int = 0) -> None:
+    """Drive ``cycles`` calls through a table in batches: start, stop, expire.
+
+    Each call (``c0``, ``c1``, ...) starts, ends ``active`` calls later and is
+    expired one batch after it ended, so the table holds about ``active``
+    calls in progress plus up to one batch of ended ones: the months-long
+    churn of a production table, compressed.  Used by the churn test (P5)
+    and by bench/bench_lifecycle.py.
+    """
+    rng = np.random.default_rng(seed)
+    serial = 0
+    while serial < cycles:
+        n = min(batch, cycles - serial)
+        keys = np.char.add(b"c", np.arange(serial, serial + n).astype("S12"))
+        table.start_many(keys, serial + np.arange(n))
+        old = serial - active
+        if old >= 0:
+            ended = np.char.add(b"c", np.arange(old, old + n).astype("S12"))
+            table.stop_many(ended, serial + rng.integers(0, n, n))
+        serial += n
+        table.expire(ended_before=serial - n)

@@ -34,7 +34,7 @@ from .errors import (BatchKeyError, NpcallsError, ReadOnlyError, TableClosedErro
 from .batching import bucket_order, group_sorted
 from .hashing import tags_of
 from .keys import encode_key, encode_keys
-from .layout import (BUCKET, DEFAULT_MAX_LOAD, FLAG_AUTO_GROW, NOT_SET, STATE_LIVE,
+from .layout import (DEFAULT_MAX_LOAD, FLAG_AUTO_GROW, NOT_SET, STATE_LIVE,
                      STATE_REMOVED, STATE_RETIRED, TOMBSTONE, W, make_geometry, snapshot_dtype)
 from .locking import _LOCK_EX, _LOCK_UN, WriterLock, _lockf, lock_holder
 from .storage import (Mapping, build_temp, link_into_place, open_mapping, remove_files, resolve,

@@ -41,6 +41,19 @@ def table_dir() -> str:
 
 
 @pytest.fixture
+def tdir(monkeypatch) -> str:
+    """A directory of this test's own as $NPCALLS_DIR, inherited by the processes it starts.
+
+    For tests that start servers, simulators or kernels whose tables must not
+    meet any other test's; removed afterwards.
+    """
+    d = tempfile.mkdtemp(prefix="npcalls-test-", dir=SHM_ROOT)
+    monkeypatch.setenv("NPCALLS_DIR", d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def name() -> str:
     """A table name no other test uses (a name, not a path: resolved via NPCALLS_DIR)."""
     return f"t{next(_names)}-{uuid.uuid4().hex[:10]}"

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
-import shutil
 import uuid
 
 import numpy as np
@@ -19,16 +16,6 @@ from npcalls import NOT_SET, analysis as A
 
 S = 1_000_000_000
 BASE = 1_795_668_428 * S          # the bundled Kamailio log's epoch: 2026-11-26
-
-
-@pytest.fixture
-def tdir(monkeypatch):
-    """A private $NPCALLS_DIR for this test's tables (inherited by child processes)."""
-    d = tempfile.mkdtemp(prefix="npcalls-analysis-",
-                         dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    monkeypatch.setenv("NPCALLS_DIR", d)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

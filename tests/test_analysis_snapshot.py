@@ -8,17 +8,13 @@ while this process (or another one) takes snapshots in a loop.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
 import numpy as np
-import pytest
 
 import npcalls
 from npcalls import NOT_SET
@@ -94,15 +90,6 @@ while time.monotonic() < stop_at:
 print(json.dumps({"snapshots": len(times), "mean_ms": 1e3 * sum(times) / len(times),
                   "rows": len(s)}))
 """
-
-
-@pytest.fixture
-def tdir(monkeypatch):
-    d = tempfile.mkdtemp(prefix="npcalls-snap-",
-                         dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    monkeypatch.setenv("NPCALLS_DIR", d)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def spawn(code, *args):

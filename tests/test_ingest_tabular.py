@@ -9,7 +9,6 @@ import json
 import random
 from typing import Any
 
-import numpy as np
 import pytest
 
 import npcalls

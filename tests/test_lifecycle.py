@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from npcalls import NOT_SET, CallTable, TableFullError
+from npcalls.simulate import churn
 
 import lifecycle_workers as lw
 
@@ -171,26 +172,6 @@ def test_unlinked_table_is_reported_to_attached_processes(path):
 
 
 # ----------------------------------------------------------------------------- churn
-
-def churn(t: CallTable, cycles: int, active: int, batch: int, seed: int) -> None:
-    """Start/stop/expire cycles: each call starts, ends ``active`` calls later, then expires.
-
-    The table holds ~``active`` calls in progress plus the ended calls not yet
-    expired (up to one batch), e.g. ~300k for active=250k, batch=50k.
-    """
-    rng = np.random.default_rng(seed)
-    serial = 0
-    while serial < cycles:
-        n = min(batch, cycles - serial)
-        keys = np.char.add(b"c", np.arange(serial, serial + n).astype("S12"))
-        t.start_many(keys, serial + np.arange(n))
-        old = serial - active
-        if old >= 0:
-            ended = np.char.add(b"c", np.arange(old, old + n).astype("S12"))
-            t.stop_many(ended, serial + rng.integers(0, n, n))
-        serial += n
-        t.expire(ended_before=serial - n)
-
 
 def miss_walk(t: CallTable) -> float:
     """Mean buckets a lookup of an absent key visits (its home uniformly random).

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,16 +21,6 @@ mpimg = pytest.importorskip("matplotlib.image")
 import npcalls
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "live_calls.ipynb"
-
-
-@pytest.fixture
-def tdir(monkeypatch):
-    """The kernel and the simulator it starts inherit this $NPCALLS_DIR."""
-    d = tempfile.mkdtemp(prefix="npcalls-nb-",
-                         dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    monkeypatch.setenv("NPCALLS_DIR", d)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _processes_using(directory):

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
@@ -21,15 +19,6 @@ from npcalls import NOT_SET
 from npcalls.simulate import SimConfig, default_capacity, run
 
 S = 1_000_000_000
-
-
-@pytest.fixture
-def tdir(monkeypatch):
-    d = tempfile.mkdtemp(prefix="npcalls-sim-",
-                         dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    monkeypatch.setenv("NPCALLS_DIR", d)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def npcalls_cmd(*args, timeout=60):

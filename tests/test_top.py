@@ -6,12 +6,10 @@ import fcntl
 import os
 import pty
 import select
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import termios
 import time
 import uuid
@@ -25,15 +23,6 @@ from npcalls import NOT_SET
 from npcalls.top import TopView, sparkline
 
 S = 1_000_000_000
-
-
-@pytest.fixture
-def tdir(monkeypatch):
-    d = tempfile.mkdtemp(prefix="npcalls-top-",
-                         dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    monkeypatch.setenv("NPCALLS_DIR", d)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

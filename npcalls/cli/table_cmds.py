@@ -109,7 +109,6 @@ def cmd_info(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(s))
         return 0
-    from ..timestamps import format_ns
     width = max(len(k) for k in s)
     for k, v in s.items():
         if k == "load_factor":

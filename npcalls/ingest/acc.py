@@ -471,7 +471,6 @@ class AccParser:
 
     def _acc(self, rows: list[bytes], chunk: bytes, lines: _Lines, has_nul: bool, p: Parsed,
              slow_events: list, source: str) -> None:
-        n = len(rows)
         A = np.array(rows)
         if A.dtype.itemsize == 0:
             A = A.astype("S1")
@@ -569,7 +568,6 @@ class AccParser:
 
     def _cdr(self, rows: list[bytes], chunk: bytes, lines: _Lines, has_nul: bool, p: Parsed,
              slow_events: list, source: str, rx: re.Pattern = _CDR_RX) -> None:
-        n = len(rows)
         B = np.array(rows)
         if B.dtype.itemsize == 0:
             B = B.astype("S1")
