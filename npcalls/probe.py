@@ -235,11 +235,13 @@ def _lookup(m: Mapping, tag: np.ndarray, keyq: np.ndarray, *, consistent: bool,
                     status[hit[~stable]] = _RETRY
                     hit, s, k, rw = hit[stable], s[stable], k[stable], rw[stable]
             same = rows_equal(rw[:, 3:], keyq[k if key_index is None else key_index[k]])
-            slot[k[same]] = s[same]
+            if not same.all():          # a 64-bit tag shared by two keys: 2**-64 rare
+                hit, s, k, rw = hit[same], s[same], k[same], rw[same]
+            slot[k] = s
             if want_rows:
-                start[k[same]] = rw[same, 1].view(np.int64)
-                end[k[same]] = rw[same, 2].view(np.int64)
-            status[hit[same]] = _FOUND
+                start[k] = rw[:, 1].view(np.int64)
+                end[k] = rw[:, 2].view(np.int64)
+            status[hit] = _FOUND
         not_here = status == _NOT_HERE
         done = (status == _FOUND) | (not_here & has_empty)
         walk = not_here & ~has_empty
