@@ -33,19 +33,22 @@ read a row no writer touched in between.
 
 from __future__ import annotations
 
+import struct
 import time
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from .layout import BUCKET, EMPTY, NOT_SET, TOMBSTONE, W
 from .storage import Mapping
 
-__all__ = ["home_bucket", "home_bucket_one", "lookup", "place", "Found", "rows_equal"]
+__all__ = ["home_bucket", "home_bucket_one", "lookup", "place", "Found", "rows_equal",
+           "remove_slots", "probe_lengths", "find_one", "free_one", "tomb_limit"]
 
 _U = np.uint64
 _ONE = _U(1)
 _WSEQ_INDEX = W["wseq"]
+_TAGS8 = struct.Struct("<8Q")     # one bucket's tags, for the single-key paths
 
 
 def home_bucket(tags: np.ndarray, nbuckets: int) -> np.ndarray:
@@ -436,3 +439,79 @@ def probe_lengths(m: Mapping) -> np.ndarray:
     nb = m.geometry.nbuckets
     home = home_bucket(tags[live], nb)
     return (live // BUCKET - home) % nb + 1
+
+
+# ----------------------------------------------------------------------------- single keys
+# The same rules for one key at a time, in plain Python on the mapping: numpy's
+# per-call overhead would cost more than the whole operation.
+
+def tomb_limit(g: Any) -> int:
+    """Tombstones a table tolerates before a writer rebuilds it.
+
+    1/16 of the slots, and never so many that live rows under the load limit
+    plus tombstones could pass the midpoint between the limit and a full
+    table: some EMPTY slots must remain for lookups of absent keys to stop.
+    """
+    return min(g.capacity >> 4, (g.capacity - g.limit) // 2)
+
+
+def free_one(m: Mapping, slot: int) -> int:
+    """Free one live slot (lock held, row seq odd): :func:`remove_slots` for one key.
+
+    Returns the change in the number of tombstones.
+    """
+    g = m.geometry
+    nb = g.nbuckets
+    q = m.q
+    b = slot >> 3
+    tw = g.tags_offset >> 3
+    blk = _TAGS8.unpack_from(m.mv, g.tags_offset + (b << 6))
+    if 0 in blk:
+        q[tw + slot] = 0
+        return 0
+    c = b + 1 if b + 1 < nb else 0
+    nxt = _TAGS8.unpack_from(m.mv, g.tags_offset + (c << 6))
+    if nb > 1 and 0 in nxt and all(t < 2 or ((t >> 32) * nb) >> 32 == c for t in nxt):
+        # no walk passes bucket b: free the slot and b's old tombstones
+        q[tw + slot] = 0
+        cleared = 0
+        for j, t in enumerate(blk):
+            if t == TOMBSTONE:
+                q[tw + (b << 3) + j] = 0
+                cleared += 1
+        return -cleared
+    q[tw + slot] = TOMBSTONE
+    return 1
+
+
+def find_one(fast: tuple, field: bytes, tag: int) -> tuple[int, int]:
+    """Writer-side probe for one key: (its slot or -1, first free slot on its path or -1)."""
+    mm, mv, _, _, nb, tags_off, rows_off, rs, _, _, _, kf, _ = fast
+    b = ((tag >> 32) * nb) >> 32
+    free = -1
+    rk = rows_off + 24
+    for _ in range(nb):
+        blk = _TAGS8.unpack_from(mv, tags_off + (b << 6))
+        if tag in blk:
+            j = blk.index(tag)
+            while True:
+                s = (b << 3) + j
+                o = rk + s * rs
+                if mm[o:o + kf] == field:
+                    return s, free
+                if tag not in blk[j + 1:]:
+                    break
+                j = blk.index(tag, j + 1)
+        if 0 in blk:
+            if free < 0:
+                j = blk.index(0)
+                if 1 in blk:
+                    j = min(j, blk.index(1))
+                free = (b << 3) + j
+            return -1, free
+        if free < 0 and 1 in blk:
+            free = (b << 3) + blk.index(1)
+        b += 1
+        if b == nb:
+            b = 0
+    return -1, free

@@ -31,7 +31,9 @@ import numpy as np
 from . import probe
 from .errors import (BatchKeyError, NpcallsError, ReadOnlyError, TableClosedError,
                      TableFullError, TableRemovedError)
-from .batching import bucket_order, group_sorted
+from . import maintenance
+from .batching import group_sorted
+from .crashpoints import crashpoint
 from .hashing import tags_of
 from .keys import encode_key, encode_keys
 from .layout import (DEFAULT_MAX_LOAD, FLAG_AUTO_GROW, NOT_SET, STATE_LIVE,
@@ -44,6 +46,8 @@ from .timestamps import to_ns, to_ns_array
 import xxhash
 
 __all__ = ["CallTable", "Stats", "GetManyResult", "CheckReport"]
+
+from .maintenance import CheckReport  # noqa: E402  (re-exported)
 
 _xxh = xxhash.xxh64_intdigest
 _time_ns = time.time_ns
@@ -118,7 +122,7 @@ class CallTable:
         self._path = mapping.path
         self._lock_path = lock_path
         self._readonly = readonly
-        self._lock = None if readonly else WriterLock(lock_path, _file_mode(mapping.fd))
+        self._lock = None if readonly else WriterLock(lock_path, maintenance.file_mode(mapping.fd))
         self._lockfile = None if readonly else self._lock._lf
         self._closed = False
         self._set_geometry(mapping)
@@ -139,7 +143,7 @@ class CallTable:
                       g.row_size, self._row.unpack_from, self._row.pack_into, g.key_width,
                       g.key_field, g.seed)
         self._limit = g.limit
-        self._tomb_limit = _tomb_limit(g)
+        self._tomb_limit = probe.tomb_limit(g)
 
     @classmethod
     def create(cls, name_or_path: str | os.PathLike, capacity: int, key_width: int = 64,
@@ -482,7 +486,7 @@ class CallTable:
             while (count + needed) > new_cap * g.max_load_ppm // 1_000_000:
                 new_cap *= 2
             self._rebuild_locked(m, new_cap)
-        elif count + tomb + needed > (g.limit + g.capacity) // 2 or tomb > _tomb_limit(g):
+        elif count + tomb + needed > (g.limit + g.capacity) // 2 or tomb > probe.tomb_limit(g):
             # Tombstones (only ever left in buckets that were once full) lengthen
             # the walks of lookups for absent keys; rebuild before they matter.
             self._rebuild_locked(m, g.capacity)
@@ -598,7 +602,7 @@ class CallTable:
     def _write_one_locked(self, field: bytes, tag: int, ts: int, col: int, insert: bool) -> bool:
         """The general path of :meth:`_write_one` (lock held)."""
         m, w = self._begin_locked()
-        slot, free = _find_one(self._fast, field, tag)
+        slot, free = probe.find_one(self._fast, field, tag)
         q = m.q
         if slot >= 0:
             o = (self._fast[6] + slot * self._fast[7]) >> 3
@@ -610,10 +614,10 @@ class CallTable:
             q[o] = w + 2
         elif insert:
             g = self._g
-            if q[_W_COUNT] >= g.limit or q[_W_TOMB] > _tomb_limit(g):
+            if q[_W_COUNT] >= g.limit or q[_W_TOMB] > probe.tomb_limit(g):
                 m, w = self._make_room_locked(m, 1)
                 q = m.q
-                slot, free = _find_one(self._fast, field, tag)
+                slot, free = probe.find_one(self._fast, field, tag)
             if col == 1:
                 self._insert_one(m, w, free, field, tag, ts, NOT_SET)
             else:
@@ -655,7 +659,7 @@ class CallTable:
             self._writable_lock()           # raises: closed or read-only
         with self._lock:
             m, w = self._begin_locked()
-            slot, _ = _find_one(self._fast, field, tag)
+            slot, _ = probe.find_one(self._fast, field, tag)
             if slot < 0:
                 return False
             q = m.q
@@ -663,7 +667,7 @@ class CallTable:
             o = (g.rows_offset + slot * g.row_size) >> 3
             q[_W_WSEQ] = w + 1
             q[o] = w + 1
-            q[_W_TOMB] += _free_one(m, slot)
+            q[_W_TOMB] += probe.free_one(m, slot)
             q[o] = w + 2
             q[_W_COUNT] -= 1
             q[_W_NREM] += 1
@@ -951,13 +955,13 @@ class CallTable:
             hit_rows = o[win[rec]]
             out[hit_rows if idx is None else idx[hit_rows]] = True
             q[counter] += int(np.count_nonzero(rec))
-        _crashpoint("batch-fields-set")
+        crashpoint("batch-fields-set")
         if len(new_groups):
             fields = kq.view(f"S{self._kf}").reshape(len(kq))
             _, pr, reused = probe.place(m, rt[new_groups], fields, rep[new_groups],
                                         new_vals[1][new_groups], new_vals[2][new_groups], seq_odd)
             rounds += pr
-            _crashpoint("batch-placed")
+            crashpoint("batch-placed")
             q[_W_COUNT] += len(new_groups)
             q[_W_TOMB] -= reused
         q[_W_WSEQ] = w + 2
@@ -1120,66 +1124,8 @@ class CallTable:
         self.grow(self._live_mapping().geometry.capacity)
 
     def _rebuild_locked(self, m: Mapping, capacity: int, rehash: bool = False) -> list[str]:
-        """Copy every live row into a new file of ``capacity`` slots and switch to it.
-
-        With ``rehash`` (repair), tags are recomputed from the keys instead of
-        trusted, rows whose key is invalid are dropped and duplicate keys are
-        merged (first start and first end kept); returns what was dropped.
-        """
-        g = m.geometry
-        w = int(m.q[_W_WSEQ]) & ~1
-        m.q[_W_WSEQ] = w + 1
-        live = np.flatnonzero(m.tags >= 2)
-        rows = np.take(m.rowq, live, axis=0)
-        fields = np.ascontiguousarray(rows[:, 3:]).view(f"S{g.key_field}").reshape(len(rows))
-        starts = np.ascontiguousarray(rows[:, 1]).view(np.int64)
-        ends = np.ascontiguousarray(rows[:, 2]).view(np.int64)
-        dropped: list[str] = []
-        if rehash:
-            fields, starts, ends, tags, dropped = _sanitize_rows(fields, starts, ends, g)
-        else:
-            tags = m.tags[live]
-        order = bucket_order(tags)
-        ng = make_geometry(capacity, g.key_width, g.seed, g.max_load, g.created_ns, g.flags,
-                           g.generation + 1)
-        if len(tags) > ng.limit:
-            m.q[_W_WSEQ] = w + 2
-            raise ValueError(f"capacity {capacity} cannot hold the {len(tags)} calls present "
-                             f"at max load {g.max_load}")
-        tmp = build_temp(self._path, ng, _file_mode(m.fd))
-        try:
-            new = open_mapping(tmp, readonly=False)
-            try:
-                probe.place(new, tags[order], fields, order, starts[order], ends[order], 1)
-                for name in ("n_started", "n_stopped", "n_removed", "n_recoveries"):
-                    new.q[W[name]] = m.q[W[name]]
-                new.q[W["n_rebuilds"]] = m.q[W["n_rebuilds"]] + 1
-                new.q[_W_COUNT] = len(tags)
-                new.q[_W_WSEQ] = w + 2
-                _crashpoint("rebuild-built")
-                # Retire first, then rename: a writer of the old file that takes
-                # the lock after us re-opens the path; if we die in between, the
-                # next writer finds the old file still at the path and revives it.
-                m.q[_W_STATE] = STATE_RETIRED
-                _crashpoint("rebuild-retired")
-                os.rename(tmp, self._path)
-            except BaseException:
-                new.close()
-                raise
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            if m.q[_W_STATE] != STATE_RETIRED:
-                m.q[_W_WSEQ] = w + 2
-            raise
-        new.path = self._path
-        m.q[_W_WSEQ] = w + 2
-        self._m = new
-        self._set_geometry(new)
-        m.close()
-        return dropped
+        """Copy the live rows into a new file of ``capacity`` slots (see npcalls.maintenance)."""
+        return maintenance.rebuild_locked(self, m, capacity, rehash)
 
     # ------------------------------------------------------------------ expiry and checks
 
@@ -1229,12 +1175,12 @@ class CallTable:
                 out["key"] = keys.reshape(len(slots))
             if len(slots):
                 self._remove_slots_locked(m, w, slots)
-                _crashpoint("expire-removed")
-                if int(m.q[_W_TOMB]) > _tomb_limit(self._g):
+                crashpoint("expire-removed")
+                if int(m.q[_W_TOMB]) > probe.tomb_limit(self._g):
                     self._rebuild_locked(m, self._g.capacity)
         return out if return_rows else len(slots)
 
-    def check(self, repair: bool = False) -> "CheckReport":
+    def check(self, repair: bool = False) -> CheckReport:
         """Verify the table's invariants; with ``repair``, fix what can be fixed.
 
         Checked: the header (state, counts against the tags, the writer
@@ -1263,7 +1209,8 @@ class CallTable:
                 raise ReadOnlyError(f"table {self._path} was opened read-only; repair needs a "
                                     "writer")
             notes.append("read-only handle: checked without the writer lock")
-            return self._check_locked(self._live_mapping(), notes, problems, repaired, False)
+            return maintenance.check_locked(self, self._live_mapping(), notes, problems, repaired,
+                                            False)
         with lock:
             m = self._m
             state = int(m.q[_W_STATE])
@@ -1274,217 +1221,8 @@ class CallTable:
                     repaired.append("reset the header state to live")
             elif state:
                 m = self._follow(locked=True)
-            return self._check_locked(m, notes, problems, repaired, repair)
+            return maintenance.check_locked(self, m, notes, problems, repaired, repair)
 
-    def _check_locked(self, m: Mapping, notes: list, problems: list, repaired: list,
-                      repair: bool) -> "CheckReport":
-        g = m.geometry
-        q = m.q
-        w = int(q[_W_WSEQ])
-        crashed = bool(w & 1) and self._lock is not None
-        if crashed:
-            notes.append("a writer died in the middle of an operation; the next writer "
-                         "finishes its recovery automatically")
-        odd = int(np.count_nonzero(m.seqcol & np.uint64(1)))
-        if odd and not crashed:
-            (notes if self._lock is None else problems).append(
-                f"{odd} rows marked mid-write while no write is in progress")
-        tags = m.tags
-        live = np.flatnonzero(tags >= 2)
-        n_tomb = int(np.count_nonzero(tags == TOMBSTONE))
-        if len(live) != int(q[_W_COUNT]) or n_tomb != int(q[_W_TOMB]):
-            msg = (f"header counts {int(q[_W_COUNT])} calls / {int(q[_W_TOMB])} tombstones, "
-                   f"the slots hold {len(live)} / {n_tomb}")
-            (notes if crashed or self._lock is None else problems).append(msg)
-        if len(live) > g.limit:
-            problems.append(f"{len(live)} calls exceed the table's limit of {g.limit}")
-        stale = stale_temp_files(self._path)
-        if stale:
-            notes.append(f"{len(stale)} temporary file(s) left by a dead rebuilder: "
-                         + ", ".join(stale))
-        # every row: a valid key, hashing to its tag, found at its own slot
-        keyq = np.ascontiguousarray(np.take(m.rowq, live, axis=0)[:, 3:])
-        fields = keyq.view(f"S{g.key_field}").reshape(len(live))
-        enc = encode_keys(fields, g.key_width, g.key_field)
-        if len(enc.bad):
-            problems.append(f"{len(enc.bad)} rows hold an invalid key (first at slot "
-                            f"{int(live[enc.bad[0]])}: {enc.reasons[0]})")
-        want = tags_of(fields, g.seed)
-        wrong_tag = np.flatnonzero(want != tags[live])
-        if len(wrong_tag):
-            problems.append(f"{len(wrong_tag)} rows whose tag is not their key's hash (first at "
-                            f"slot {int(live[wrong_tag[0]])})")
-        f = probe.lookup(m, tags[live], keyq, consistent=False, want_rows=False)
-        lost = np.flatnonzero(f.slot != live)
-        if len(lost):
-            grp = group_sorted(tags[live], keyq)
-            dups = len(live) - len(grp.first)
-            what = f" ({dups} duplicate keys)" if dups else ""
-            problems.append(f"{len(lost)} rows not findable by their own key from their home "
-                            f"bucket{what} (first at slot {int(live[lost[0]])})")
-        if q[_W_STATE] == STATE_REMOVED:
-            problems.append("the table was removed (unlinked)")
-        if repair and (crashed or stale or problems or (odd and not crashed)):
-            if crashed or odd:
-                self._recover_locked(m)
-                repaired.append("finished the recovery of a crashed writer")
-            elif stale:
-                for p in stale:
-                    try:
-                        os.unlink(p)
-                    except OSError:
-                        pass
-                repaired.append(f"removed {len(stale)} stale temporary file(s)")
-            if problems:
-                dropped = self._rebuild_locked(self._m, g.capacity, rehash=True)
-                repaired.append("rebuilt the table from its keys" +
-                                (": " + "; ".join(dropped) if dropped else ""))
-            again = self._check_locked(self._m, [], [], [], False)
-            return CheckReport(again.ok, again.problems, notes + again.notes, repaired,
-                               len(self._m.tags[self._m.tags >= 2]))
-        return CheckReport(not problems, problems, notes, repaired, len(live))
-
-
-def _tomb_limit(g: Any) -> int:
-    """Tombstones a table tolerates before a writer rebuilds it.
-
-    1/16 of the slots, and never so many that live rows under the load limit
-    plus tombstones could pass the midpoint between the limit and a full
-    table: some EMPTY slots must remain for lookups of absent keys to stop.
-    """
-    return min(g.capacity >> 4, (g.capacity - g.limit) // 2)
-
-
-def _free_one(m: Mapping, slot: int) -> int:
-    """Free one live slot (lock held, row seq odd): probe.remove_slots for one key.
-
-    Returns the change in the number of tombstones.
-    """
-    g = m.geometry
-    nb = g.nbuckets
-    q = m.q
-    b = slot >> 3
-    tw = g.tags_offset >> 3
-    blk = _TAGS8.unpack_from(m.mv, g.tags_offset + (b << 6))
-    if 0 in blk:
-        q[tw + slot] = 0
-        return 0
-    c = b + 1 if b + 1 < nb else 0
-    nxt = _TAGS8.unpack_from(m.mv, g.tags_offset + (c << 6))
-    if nb > 1 and 0 in nxt and all(t < 2 or ((t >> 32) * nb) >> 32 == c for t in nxt):
-        # no walk passes bucket b: free the slot and b's old tombstones
-        q[tw + slot] = 0
-        cleared = 0
-        for j, t in enumerate(blk):
-            if t == TOMBSTONE:
-                q[tw + (b << 3) + j] = 0
-                cleared += 1
-        return -cleared
-    q[tw + slot] = TOMBSTONE
-    return 1
-
-
-def _find_one(fast: tuple, field: bytes, tag: int) -> tuple[int, int]:
-    """Writer-side probe for one key: (its slot or -1, first free slot on its path or -1)."""
-    mm, mv, _, _, nb, tags_off, rows_off, rs, _, _, _, kf, _ = fast
-    b = ((tag >> 32) * nb) >> 32
-    free = -1
-    rk = rows_off + 24
-    for _ in range(nb):
-        blk = _TAGS8.unpack_from(mv, tags_off + (b << 6))
-        if tag in blk:
-            j = blk.index(tag)
-            while True:
-                s = (b << 3) + j
-                o = rk + s * rs
-                if mm[o:o + kf] == field:
-                    return s, free
-                if tag not in blk[j + 1:]:
-                    break
-                j = blk.index(tag, j + 1)
-        if 0 in blk:
-            if free < 0:
-                j = blk.index(0)
-                if 1 in blk:
-                    j = min(j, blk.index(1))
-                free = (b << 3) + j
-            return -1, free
-        if free < 0 and 1 in blk:
-            free = (b << 3) + blk.index(1)
-        b += 1
-        if b == nb:
-            b = 0
-    return -1, free
-
-
-class CheckReport(NamedTuple):
-    """What :meth:`CallTable.check` found.
-
-    Attributes
-    ----------
-    ok : bool
-        No invariant is violated (notes do not count).
-    problems : list of str
-        Violated invariants.
-    notes : list of str
-        Conditions that are not violations (a crashed writer's unfinished
-        recovery, stale temporary files).
-    repaired : list of str
-        What ``repair=True`` did.
-    calls : int
-        Live rows seen.
-    """
-
-    ok: bool
-    problems: list
-    notes: list
-    repaired: list
-    calls: int
-
-
-def _sanitize_rows(fields: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                   g: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """For repair: drop rows with invalid keys, merge duplicate keys, recompute tags."""
-    dropped: list[str] = []
-    enc = encode_keys(fields, g.key_width, g.key_field)
-    if len(enc.bad):
-        keep = np.ones(len(fields), bool)
-        keep[enc.bad] = False
-        dropped.append(f"dropped {len(enc.bad)} rows with invalid keys")
-        fields, starts, ends = enc.fields[keep], starts[keep], ends[keep]
-    else:
-        fields = enc.fields
-    tags = tags_of(fields, g.seed)
-    keyq = np.ascontiguousarray(fields).view(np.uint64).reshape(len(fields), g.key_field // 8)
-    grp = group_sorted(tags, keyq)
-    if len(grp.first) < len(fields):
-        o = grp.order
-        ng = len(grp.first)
-        st, en = np.full(ng, NOT_SET, np.int64), np.full(ng, NOT_SET, np.int64)
-        for src, dst in ((starts[o], st), (ends[o], en)):
-            has = np.flatnonzero(src != NOT_SET)
-            gid = grp.group[has]
-            lead = np.ones(len(has), bool)
-            lead[1:] = gid[1:] != gid[:-1]
-            dst[gid[lead]] = src[has[lead]]
-        rep = o[grp.first]
-        dropped.append(f"merged {len(fields) - ng} duplicate rows")
-        fields, starts, ends, tags = fields[rep], st, en, tags[rep]
-    return fields, starts, ends, tags, dropped
-
-
-def _crashpoint(name: str) -> None:
-    """Test hook: die here if $NPCALLS_CRASH_AT names this point (crash-safety tests).
-
-    Only on paths that are not per-call hot (batches, rebuilds, expiry); the
-    tests kill single operations at random lines with a trace function instead.
-    """
-    if _CRASH_AT and name in _CRASH_AT:
-        import signal
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_CRASH_AT = frozenset(filter(None, os.environ.get("NPCALLS_CRASH_AT", "").split(",")))
 
 
 class _ClosedWords:
@@ -1507,10 +1245,6 @@ class _Unnamed:
 def _check_errors_arg(errors: str) -> None:
     if errors not in ("raise", "ignore"):
         raise ValueError(f"errors must be 'raise' or 'ignore', not {errors!r}")
-
-
-def _file_mode(fd: int) -> int:
-    return os.fstat(fd).st_mode & 0o7777
 
 
 def _valid_index(n: int, bad: np.ndarray) -> np.ndarray | None:

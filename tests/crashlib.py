@@ -115,8 +115,8 @@ def writer(path: str, log_path: str, gen: int, seed: int, line_kill: int | None,
            clock0: int, pool: list[str], crash_at: frozenset = frozenset(),
            mix: str = "mixed") -> None:
     """Body of a forked writer: random ops forever (until killed)."""
-    import npcalls.table as table_mod
-    table_mod._CRASH_AT = crash_at
+    import npcalls.crashpoints
+    npcalls.crashpoints.CRASH_AT = crash_at
     rng = random.Random(seed)
     t = CallTable.open(path)
     log = open(log_path, "a", buffering=1)

@@ -70,6 +70,7 @@ def test_retired_but_not_renamed_file_is_revived(crash_table):
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(3600)
 def test_ten_thousand_kills(crash_table):
     path, log = crash_table
     stats = run_kills(path, log, kills=10_000, seed=5)

@@ -214,6 +214,7 @@ def test_churn_keeps_probe_lengths_of_a_fresh_table(path):
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(1800)
 def test_ten_million_churn_cycles(path):
     t = CallTable.create(path, 1 << 20, key_width=16, seed=12)
     churn(t, cycles=10_000_000, active=250_000, batch=50_000, seed=2)

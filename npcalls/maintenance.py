@@ -1,0 +1,223 @@
+"""Rebuilding and checking a table: the maintenance side of CallTable.
+
+* :func:`rebuild_locked` copies the live rows into a new file (growth,
+  compaction, repair) and switches every process to it (docs/format.md,
+  "Rebuilding").
+* :func:`check_locked` verifies the invariants and repairs what can be
+  repaired; :class:`CheckReport` is what it finds.
+
+Both run with the writer lock held, on behalf of a :class:`CallTable`
+(``t``), whose private state they use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import probe
+from .batching import bucket_order, group_sorted
+from .crashpoints import crashpoint
+from .hashing import tags_of
+from .keys import encode_keys
+from .layout import NOT_SET, STATE_REMOVED, STATE_RETIRED, TOMBSTONE, W, make_geometry
+from .storage import Mapping, build_temp, open_mapping, stale_temp_files
+
+__all__ = ["CheckReport", "rebuild_locked", "check_locked", "sanitize_rows", "file_mode"]
+
+_W_WSEQ, _W_COUNT, _W_TOMB, _W_STATE = W["wseq"], W["count"], W["tombstones"], W["state"]
+
+
+def file_mode(fd: int) -> int:
+    """Permission bits of an open file (a rebuilt file keeps its table's mode)."""
+    return os.fstat(fd).st_mode & 0o7777
+
+
+class CheckReport(NamedTuple):
+    """What :meth:`CallTable.check` found.
+
+    Attributes
+    ----------
+    ok : bool
+        No invariant is violated (notes do not count).
+    problems : list of str
+        Violated invariants.
+    notes : list of str
+        Conditions that are not violations (a crashed writer's unfinished
+        recovery, stale temporary files).
+    repaired : list of str
+        What ``repair=True`` did.
+    calls : int
+        Live rows seen.
+    """
+
+    ok: bool
+    problems: list
+    notes: list
+    repaired: list
+    calls: int
+
+
+def sanitize_rows(fields: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                   g: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """For repair: drop rows with invalid keys, merge duplicate keys, recompute tags."""
+    dropped: list[str] = []
+    enc = encode_keys(fields, g.key_width, g.key_field)
+    if len(enc.bad):
+        keep = np.ones(len(fields), bool)
+        keep[enc.bad] = False
+        dropped.append(f"dropped {len(enc.bad)} rows with invalid keys")
+        fields, starts, ends = enc.fields[keep], starts[keep], ends[keep]
+    else:
+        fields = enc.fields
+    tags = tags_of(fields, g.seed)
+    keyq = np.ascontiguousarray(fields).view(np.uint64).reshape(len(fields), g.key_field // 8)
+    grp = group_sorted(tags, keyq)
+    if len(grp.first) < len(fields):
+        o = grp.order
+        ng = len(grp.first)
+        st, en = np.full(ng, NOT_SET, np.int64), np.full(ng, NOT_SET, np.int64)
+        for src, dst in ((starts[o], st), (ends[o], en)):
+            has = np.flatnonzero(src != NOT_SET)
+            gid = grp.group[has]
+            lead = np.ones(len(has), bool)
+            lead[1:] = gid[1:] != gid[:-1]
+            dst[gid[lead]] = src[has[lead]]
+        rep = o[grp.first]
+        dropped.append(f"merged {len(fields) - ng} duplicate rows")
+        fields, starts, ends, tags = fields[rep], st, en, tags[rep]
+    return fields, starts, ends, tags, dropped
+
+
+def rebuild_locked(t: Any, m: Mapping, capacity: int, rehash: bool = False) -> list[str]:
+    """Copy every live row into a new file of ``capacity`` slots and switch to it.
+
+    With ``rehash`` (repair), tags are recomputed from the keys instead of
+    trusted, rows whose key is invalid are dropped and duplicate keys are
+    merged (first start and first end kept); returns what was dropped.
+    """
+    g = m.geometry
+    w = int(m.q[_W_WSEQ]) & ~1
+    m.q[_W_WSEQ] = w + 1
+    live = np.flatnonzero(m.tags >= 2)
+    rows = np.take(m.rowq, live, axis=0)
+    fields = np.ascontiguousarray(rows[:, 3:]).view(f"S{g.key_field}").reshape(len(rows))
+    starts = np.ascontiguousarray(rows[:, 1]).view(np.int64)
+    ends = np.ascontiguousarray(rows[:, 2]).view(np.int64)
+    dropped: list[str] = []
+    if rehash:
+        fields, starts, ends, tags, dropped = sanitize_rows(fields, starts, ends, g)
+    else:
+        tags = m.tags[live]
+    order = bucket_order(tags)
+    ng = make_geometry(capacity, g.key_width, g.seed, g.max_load, g.created_ns, g.flags,
+                       g.generation + 1)
+    if len(tags) > ng.limit:
+        m.q[_W_WSEQ] = w + 2
+        raise ValueError(f"capacity {capacity} cannot hold the {len(tags)} calls present "
+                         f"at max load {g.max_load}")
+    tmp = build_temp(t._path, ng, file_mode(m.fd))
+    try:
+        new = open_mapping(tmp, readonly=False)
+        try:
+            probe.place(new, tags[order], fields, order, starts[order], ends[order], 1)
+            for name in ("n_started", "n_stopped", "n_removed", "n_recoveries"):
+                new.q[W[name]] = m.q[W[name]]
+            new.q[W["n_rebuilds"]] = m.q[W["n_rebuilds"]] + 1
+            new.q[_W_COUNT] = len(tags)
+            new.q[_W_WSEQ] = w + 2
+            crashpoint("rebuild-built")
+            # Retire first, then rename: a writer of the old file that takes
+            # the lock after us re-opens the path; if we die in between, the
+            # next writer finds the old file still at the path and revives it.
+            m.q[_W_STATE] = STATE_RETIRED
+            crashpoint("rebuild-retired")
+            os.rename(tmp, t._path)
+        except BaseException:
+            new.close()
+            raise
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if m.q[_W_STATE] != STATE_RETIRED:
+            m.q[_W_WSEQ] = w + 2
+        raise
+    new.path = t._path
+    m.q[_W_WSEQ] = w + 2
+    t._m = new
+    t._set_geometry(new)
+    m.close()
+    return dropped
+
+
+def check_locked(t: Any, m: Mapping, notes: list, problems: list, repaired: list,
+                 repair: bool) -> CheckReport:
+    g = m.geometry
+    q = m.q
+    w = int(q[_W_WSEQ])
+    crashed = bool(w & 1) and t._lock is not None
+    if crashed:
+        notes.append("a writer died in the middle of an operation; the next writer "
+                     "finishes its recovery automatically")
+    odd = int(np.count_nonzero(m.seqcol & np.uint64(1)))
+    if odd and not crashed:
+        (notes if t._lock is None else problems).append(
+            f"{odd} rows marked mid-write while no write is in progress")
+    tags = m.tags
+    live = np.flatnonzero(tags >= 2)
+    n_tomb = int(np.count_nonzero(tags == TOMBSTONE))
+    if len(live) != int(q[_W_COUNT]) or n_tomb != int(q[_W_TOMB]):
+        msg = (f"header counts {int(q[_W_COUNT])} calls / {int(q[_W_TOMB])} tombstones, "
+               f"the slots hold {len(live)} / {n_tomb}")
+        (notes if crashed or t._lock is None else problems).append(msg)
+    if len(live) > g.limit:
+        problems.append(f"{len(live)} calls exceed the table's limit of {g.limit}")
+    stale = stale_temp_files(t._path)
+    if stale:
+        notes.append(f"{len(stale)} temporary file(s) left by a dead rebuilder: "
+                     + ", ".join(stale))
+    # every row: a valid key, hashing to its tag, found at its own slot
+    keyq = np.ascontiguousarray(np.take(m.rowq, live, axis=0)[:, 3:])
+    fields = keyq.view(f"S{g.key_field}").reshape(len(live))
+    enc = encode_keys(fields, g.key_width, g.key_field)
+    if len(enc.bad):
+        problems.append(f"{len(enc.bad)} rows hold an invalid key (first at slot "
+                        f"{int(live[enc.bad[0]])}: {enc.reasons[0]})")
+    want = tags_of(fields, g.seed)
+    wrong_tag = np.flatnonzero(want != tags[live])
+    if len(wrong_tag):
+        problems.append(f"{len(wrong_tag)} rows whose tag is not their key's hash (first at "
+                        f"slot {int(live[wrong_tag[0]])})")
+    f = probe.lookup(m, tags[live], keyq, consistent=False, want_rows=False)
+    lost = np.flatnonzero(f.slot != live)
+    if len(lost):
+        grp = group_sorted(tags[live], keyq)
+        dups = len(live) - len(grp.first)
+        what = f" ({dups} duplicate keys)" if dups else ""
+        problems.append(f"{len(lost)} rows not findable by their own key from their home "
+                        f"bucket{what} (first at slot {int(live[lost[0]])})")
+    if q[_W_STATE] == STATE_REMOVED:
+        problems.append("the table was removed (unlinked)")
+    if repair and (crashed or stale or problems or (odd and not crashed)):
+        if crashed or odd:
+            t._recover_locked(m)
+            repaired.append("finished the recovery of a crashed writer")
+        elif stale:
+            for p in stale:
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+            repaired.append(f"removed {len(stale)} stale temporary file(s)")
+        if problems:
+            dropped = t._rebuild_locked(t._m, g.capacity, rehash=True)
+            repaired.append("rebuilt the table from its keys" +
+                            (": " + "; ".join(dropped) if dropped else ""))
+        again = check_locked(t, t._m, [], [], [], False)
+        return CheckReport(again.ok, again.problems, notes + again.notes, repaired,
+                           len(t._m.tags[t._m.tags >= 2]))
+    return CheckReport(not problems, problems, notes, repaired, len(live))
