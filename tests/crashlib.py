@@ -212,28 +212,37 @@ def model_apply(model: dict, op: list) -> None:
 def cut_partial_line(log_path: str) -> None:
     """Drop a log line the killed writer did not finish, before the next writer appends."""
     with open(log_path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
+        size = f.seek(0, os.SEEK_END)
+        back = min(size, 1 << 20)                  # a log line is far shorter than 1 MiB
+        f.seek(size - back)
+        tail = f.read()
+        if tail and not tail.endswith(b"\n"):
+            f.truncate(size - back + tail.rfind(b"\n") + 1)
 
 
-def read_log(log_path: str) -> list[tuple[list, bool]]:
-    """Operations in log order, each with whether it ended."""
+def read_log(log_path: str, offset: int = 0) -> tuple[list[tuple[list, bool]], int]:
+    """Operations logged from byte ``offset`` on, in order, each with whether it ended.
+
+    Returns them and the offset after the last complete line, so that each
+    kill's verification reads only what its writer wrote (the log grows to
+    hundreds of MB over 10,000 kills).
+    """
     ops: dict[tuple[int, int], list] = {}
     order: list[tuple[int, int]] = []
     ended: set[tuple[int, int]] = set()
-    with open(log_path) as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break                                        # a line cut by the kill
-            parts = line.split(" ", 3)
-            key = (int(parts[1]), int(parts[2]))
-            if parts[0] == "B":
-                ops[key] = json.loads(parts[3])
-                order.append(key)
-            else:
-                ended.add(key)
-    return [(ops[k], k in ended) for k in order]
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1                      # ignore a line cut by the kill
+    for line in data[:end].decode().splitlines():
+        parts = line.split(" ", 3)
+        key = (int(parts[1]), int(parts[2]))
+        if parts[0] == "B":
+            ops[key] = json.loads(parts[3])
+            order.append(key)
+        else:
+            ended.add(key)
+    return [(ops[k], k in ended) for k in order], offset + end
 
 
 def table_dict(t: CallTable) -> dict:
@@ -296,9 +305,7 @@ def run_kills(path: str, log_path: str, kills: int, seed: int, pool_size: int = 
             raise AssertionError(f"writer {gen} ({how}) finished a million operations unkilled")
         stats[how] += 1
         cut_partial_line(log_path)
-        ops = read_log(log_path)
-        new_ops = ops[consumed:]
-        consumed = len(ops)
+        new_ops, consumed = read_log(log_path, consumed)
         model = verify_after_kill(path, model, new_ops)
     return stats
 
@@ -328,7 +335,7 @@ def sweep(path: str, log_path: str, make_op: Any, stride: int = 1, max_kills: in
     """Kill ``make_op(k)``'s operation at its 1st, (1+stride)-th, ... line until it completes.
 
     ``make_op(k)`` returns ``(setup_ops, op)``; setup runs untraced.  Returns
-    (kills, model, log lines consumed) so sweeps can be chained on one table.
+    (kills, model, log bytes consumed) so sweeps can be chained on one table.
     """
     model = {} if model is None else model
     kills = 0
@@ -342,8 +349,7 @@ def sweep(path: str, log_path: str, make_op: Any, stride: int = 1, max_kills: in
         killed = wait_dead(p, 60, f"sweep writer for {op[0]} at line {line}")
         gen += 1
         cut_partial_line(log_path)
-        ops = read_log(log_path)
-        new_ops, consumed = ops[consumed:], len(ops)
+        new_ops, consumed = read_log(log_path, consumed)
         model = verify_after_kill(path, model, new_ops)
         if not killed:
             return kills, model, consumed               # ran to the end: every line was hit
