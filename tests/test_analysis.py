@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 
-pd = pytest.importorskip("pandas")
+import pandas as pd
 
 import npcalls
 from npcalls import NOT_SET, analysis as A
@@ -415,7 +415,6 @@ def test_table_html(new_table):
 
 def test_live_view_outside_a_notebook(new_table, capsys):
     """The live view runs its loop (display calls print plain reprs outside Jupyter)."""
-    pytest.importorskip("IPython")
     t = new_table()
     t.record_many(["a", "b"], [BASE, BASE + S], [BASE + 2 * S, NOT_SET])
     df = A.live(t, every=0.1, iterations=2, window="1h")

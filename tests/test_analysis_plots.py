@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("pandas")
-mpl = pytest.importorskip("matplotlib")
+import matplotlib as mpl
+
 mpl.use("Agg")
 
 import matplotlib.image as mpimg  # noqa: E402

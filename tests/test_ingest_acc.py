@@ -26,35 +26,9 @@ from npcalls.ingest import (AccParser, Loader, aggregate, ingest, parse_acc_text
                             parse_cdr_text)
 from npcalls.ingest import parallel as par
 
-DATA = "/work/shared/data"
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 REAL = [os.path.join(DATA, "kamailio-acc.log"), os.path.join(DATA, "kamailio-acc-syslog.log")]
 MS = 1_000_000
-
-
-# ---------------------------------------------------------------------- fixtures
-
-@pytest.fixture
-def ing_dir(tmp_path, monkeypatch):
-    """A private $NPCALLS_DIR for this test's tables."""
-    d = tmp_path / "tables"
-    d.mkdir()
-    monkeypatch.setenv("NPCALLS_DIR", str(d))
-    return d
-
-
-@pytest.fixture
-def ing_table(ing_dir):
-    """Factory of tables closed after the test."""
-    made: list[npcalls.CallTable] = []
-
-    def make(capacity: int = 8192, key_width: int = 64, **kw: Any) -> npcalls.CallTable:
-        t = npcalls.CallTable.create(f"t{len(made)}", capacity, key_width, **kw)
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        t.close()
 
 
 def table_dict(t: npcalls.CallTable) -> dict[bytes, tuple[int, int]]:
@@ -97,10 +71,10 @@ def reference(path: str) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("path", REAL, ids=["stderr", "syslog"])
-def test_real_log_exact_calls_and_times(ing_table, path):
+def test_real_log_exact_calls_and_times(make_table, path):
     acc, cdr = reference(path)
     assert len(acc) == 1000 and len(cdr) == 1000
-    t = ing_table()
+    t = make_table(8192)
     s = ingest(t, [path])
     assert (s.lines, s.acc_lines, s.cdr_lines) == (3000, 2000, 1000)
     assert (s.started, s.ended, s.end_only, s.bad, s.too_long, s.ignored) == \
@@ -114,23 +88,23 @@ def test_real_log_exact_calls_and_times(ing_table, path):
 
 
 @pytest.mark.parametrize("path", REAL, ids=["stderr", "syslog"])
-def test_real_log_cdr_lines_alone_give_the_calls(ing_table, tmp_path, path):
+def test_real_log_cdr_lines_alone_give_the_calls(make_table, tmp_path, path):
     acc, cdr = reference(path)
     only = tmp_path / "cdr.log"
     with open(path) as f, open(only, "w") as g:
         g.writelines(line for line in f if "log_write_cdr" in line)
-    t = ing_table()
+    t = make_table(8192)
     s = ingest(t, [str(only)])
     assert (s.lines, s.cdr_lines, s.acc_lines, s.started, s.ended) == (1000, 1000, 0, 1000, 1000)
     assert table_dict(t) == {k.encode(): v for k, v in cdr.items()}
 
 
 @pytest.mark.parametrize("cdr_lines", [12, 10_000])
-def test_real_log_in_tiny_chunks_and_batches_keeps_the_acc_times(ing_table, cdr_lines):
+def test_real_log_in_tiny_chunks_and_batches_keeps_the_acc_times(make_table, cdr_lines):
     """CDRs and BYEs land in different chunks and batches: still no CDR time wins."""
     path = REAL[0]
     acc, _ = reference(path)
-    t = ing_table()
+    t = make_table(8192)
     loader = Loader(t, batch_rows=1, cdr_lines=cdr_lines)
     parser = AccParser(t.key_width)
     lines = open(path, "rb").read().splitlines(keepends=True)
@@ -145,8 +119,8 @@ def test_real_log_in_tiny_chunks_and_batches_keeps_the_acc_times(ing_table, cdr_
     assert table_dict(t) == expected_dict(acc)
 
 
-def test_loading_twice_changes_nothing(ing_table):
-    t = ing_table()
+def test_loading_twice_changes_nothing(make_table):
+    t = make_table(8192)
     ingest(t, [REAL[0]])
     before = table_dict(t)
     s = ingest(t, [REAL[0]])
@@ -154,8 +128,8 @@ def test_loading_twice_changes_nothing(ing_table):
     assert table_dict(t) == before
 
 
-def test_both_real_logs_in_one_run(ing_table):
-    t = ing_table()
+def test_both_real_logs_in_one_run(make_table):
+    t = make_table(8192)
     s = ingest(t, REAL)
     assert s.sources == REAL
     assert (s.lines, s.started, s.ended) == (6000, 2000, 2000)
@@ -387,11 +361,11 @@ STYLES = ["stderr", "syslog3339", "syslog3164", "none"]
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("time_mode,time_name", [(0, ""), (1, "time_exten"), (2, "t_ms"),
                                                  (2, "time_attr"), (4, "time_attr")])
-def test_generated_mix_exact(ing_table, tmp_path, style, time_mode, time_name):
+def test_generated_mix_exact(make_table, tmp_path, style, time_mode, time_name):
     b = LogBuilder(style, time_mode, time_name, seed=hash((style, time_mode)) & 0xFFFF)
     build_mix(b, 400)
     data = b.text(shuffle_ms=3)
-    t = ing_table(key_width=64)
+    t = make_table(8192, key_width=64)
     s = _load_bytes(t, data, tmp_path)
     assert (s.bad, s.too_long) == (0, 0), s.problems
     assert table_dict(t) == expected_dict(b.expected)
@@ -405,31 +379,31 @@ def test_generated_mix_exact(ing_table, tmp_path, style, time_mode, time_name):
 
 
 @pytest.mark.parametrize("eol", ["\r\n", "#015#012"])
-def test_crlf_and_rsyslog_escapes(ing_table, tmp_path, eol):
+def test_crlf_and_rsyslog_escapes(make_table, tmp_path, eol):
     b = LogBuilder("syslog3339", eol=eol)
     build_mix(b, 200)
-    t = ing_table()
+    t = make_table(8192)
     s = _load_bytes(t, b.text(), tmp_path)
     assert (s.bad, s.too_long) == (0, 0), s.problems
     assert table_dict(t) == expected_dict(b.expected)
 
 
-def test_long_call_ids_and_unusual_characters(ing_table, tmp_path):
+def test_long_call_ids_and_unusual_characters(make_table, tmp_path):
     b = LogBuilder()
     build_mix(b, 300, long_ids=True)
     data = b.text(shuffle_ms=2)
     assert max(len(k) for k in b.expected) >= 120
-    t = ing_table(key_width=160)
+    t = make_table(8192, key_width=160)
     s = _load_bytes(t, data, tmp_path)
     assert (s.bad, s.too_long) == (0, 0), s.problems
     assert table_dict(t) == expected_dict(b.expected)
 
 
-def test_call_ids_longer_than_the_key_width_are_reported_never_truncated(ing_table, tmp_path):
+def test_call_ids_longer_than_the_key_width_are_reported_never_truncated(make_table, tmp_path):
     b = LogBuilder()
     build_mix(b, 300, long_ids=True)
     data = b.text()
-    t = ing_table(key_width=64)
+    t = make_table(8192, key_width=64)
     s = _load_bytes(t, data, tmp_path, show_bad=1000)
     # the lines that would start or end a call (not those of failed calls)
     lines = data.split(b"\n")
@@ -451,7 +425,7 @@ def test_call_ids_longer_than_the_key_width_are_reported_never_truncated(ing_tab
             assert k.encode()[:64] not in got
 
 
-def test_bad_lines_are_counted_reported_and_harmless(ing_table, tmp_path):
+def test_bad_lines_are_counted_reported_and_harmless(make_table, tmp_path):
     b = LogBuilder()
     build_mix(b, 100)
     t0 = 1_795_668_500_000
@@ -472,7 +446,7 @@ def test_bad_lines_are_counted_reported_and_harmless(ing_table, tmp_path):
     b.bad(t0 + 7, "ACC: transaction answered: timestamp=1795668500;method=INVITE;from_tag=x;"
                   "to_tag=y;call_id=c 5@x;code=200;reason=OK")            # space in Call-ID
     data = b.text()
-    t = ing_table()
+    t = make_table(8192)
     s = _load_bytes(t, data, tmp_path, show_bad=3)
     assert s.bad == 8
     assert len(s.problems) == 3
@@ -485,22 +459,22 @@ def test_bad_lines_are_counted_reported_and_harmless(ing_table, tmp_path):
     # the good lines all loaded, the bad ones changed nothing
     assert table_dict(t) == expected_dict(b.expected)
     # every problem is reported when asked
-    t2 = ing_table()
+    t2 = make_table(8192)
     s2 = _load_bytes(t2, data, tmp_path, name="again.log", show_bad=100)
     assert [p.line for p in s2.problems] == want_lines
 
 
-def test_non_utf8_extras_do_not_make_a_line_bad(ing_table, tmp_path):
+def test_non_utf8_extras_do_not_make_a_line_bad(make_table, tmp_path):
     b = LogBuilder()
     b.answered("nonutf@x", 1_795_668_428_000, 1500, extra=b"\xc3\x28\xff\xfe\x80 Phone")
     b.answered("utf8@x", 1_795_668_429_000, 1500, extra="Téléphone ☎".encode())
-    t = ing_table()
+    t = make_table(8192)
     s = _load_bytes(t, b.text(), tmp_path)
     assert (s.bad, s.started, s.ended) == (0, 2, 2)
     assert table_dict(t) == expected_dict(b.expected)
 
 
-def test_failed_missed_cancelled_and_challenged_calls(ing_table, tmp_path):
+def test_failed_missed_cancelled_and_challenged_calls(make_table, tmp_path):
     b = LogBuilder()
     t0 = 1_795_668_428_000
     b.failed("busy@x", t0)
@@ -508,7 +482,7 @@ def test_failed_missed_cancelled_and_challenged_calls(ing_table, tmp_path):
     b.cancelled("cancel@x", t0 + 20)
     b.challenged("auth@x", t0 + 30, 2500)
     b.answered("ok@x", t0 + 40, 1000)
-    t = ing_table()
+    t = make_table(8192)
     s = _load_bytes(t, b.text(), tmp_path)
     assert table_dict(t) == expected_dict(b.expected)
     assert set(table_dict(t)) == {b"auth@x", b"ok@x"}
@@ -517,15 +491,15 @@ def test_failed_missed_cancelled_and_challenged_calls(ing_table, tmp_path):
     assert (s.started, s.ended, s.end_only) == (2, 2, 0)
 
 
-def test_reinvite_does_not_move_the_start(ing_table, tmp_path):
+def test_reinvite_does_not_move_the_start(make_table, tmp_path):
     b = LogBuilder()
     b.answered("re@x", 1_795_668_428_000, 60_000, reinvite=True)
-    t = ing_table()
+    t = make_table(8192)
     _load_bytes(t, b.text(), tmp_path)
     assert t.get("re@x") == (1_795_668_428_000 * MS, 1_795_668_488_000 * MS)
 
 
-def test_cdr_before_and_after_its_bye_line(ing_table, tmp_path):
+def test_cdr_before_and_after_its_bye_line(make_table, tmp_path):
     """Whichever of a call's BYE and CDR lines comes first, the acc time wins."""
     b = LogBuilder()
     b.answered("x1@h", 1_795_668_428_000, 5000)
@@ -534,12 +508,12 @@ def test_cdr_before_and_after_its_bye_line(ing_table, tmp_path):
     assert b"log_write_cdr" in lines[1] and b"method=BYE" in lines[2]
     swapped = lines[0] + lines[2] + lines[1]
     for i, data in enumerate([text, swapped]):
-        t = ing_table()
+        t = make_table(8192)
         _load_bytes(t, data, tmp_path, name=f"o{i}.log")
         assert t.get("x1@h") == (1_795_668_428_000 * MS, 1_795_668_433_000 * MS)
 
 
-def test_opensips_lines(ing_table, tmp_path):
+def test_opensips_lines(make_table, tmp_path):
     lines = [
         "Nov 26 04:51:55 host opensips[100]: ACC: transaction answered: timestamp=1795668715;"
         "created=1795668714;setuptime=1;method=INVITE;from_tag=a;to_tag=b;call_id=os1@h;"
@@ -551,7 +525,7 @@ def test_opensips_lines(ing_table, tmp_path):
         "call_start_time=1795668701;duration=9;ms_duration=9500;setuptime=1;method=INVITE;"
         "from_tag=c;to_tag=d;call_id=os2@h;code=200;reason=OK",
     ]
-    t = ing_table()
+    t = make_table(8192)
     s = _load_bytes(t, ("\n".join(lines) + "\n").encode(), tmp_path)
     assert (s.bad, s.acc_lines) == (0, 3)
     assert table_dict(t) == {
@@ -560,38 +534,38 @@ def test_opensips_lines(ing_table, tmp_path):
 
 
 @pytest.mark.parametrize("comp", ["gzip", "bz2", "xz"])
-def test_compressed_inputs(ing_table, tmp_path, comp):
+def test_compressed_inputs(make_table, tmp_path, comp):
     b = LogBuilder()
     build_mix(b, 150)
     data = b.text()
     packed = {"gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[comp](data)
-    t = ing_table()
+    t = make_table(8192)
     # the name says nothing: the content is recognised
     s = _load_bytes(t, packed, tmp_path, name="acc.data")
     assert s.bad == 0 and s.lines == data.count(b"\n")
     assert table_dict(t) == expected_dict(b.expected)
 
 
-def test_stdin_and_a_last_line_without_newline(ing_table):
+def test_stdin_and_a_last_line_without_newline(make_table):
     b = LogBuilder()
     build_mix(b, 150)
     data = b.text().rstrip(b"\n")
-    t = ing_table()
+    t = make_table(8192)
     s = ingest(t, ["-"], stdin=io.BytesIO(gzip.compress(data)))
     assert s.sources == ["<stdin>"] and s.lines == data.count(b"\n") + 1
     assert table_dict(t) == expected_dict(b.expected)
 
 
-def test_truncated_gzip_is_an_input_error_not_a_crash(ing_table, tmp_path):
+def test_truncated_gzip_is_an_input_error_not_a_crash(make_table, tmp_path):
     b = LogBuilder()
     build_mix(b, 100)
     packed = gzip.compress(b.text())
-    t = ing_table()
+    t = make_table(8192)
     s = _load_bytes(t, packed[:len(packed) // 2], tmp_path)
     assert s.errors and "acc.log" in s.errors[0]
 
 
-def test_parallel_parsing_matches_one_process(ing_table, tmp_path, monkeypatch):
+def test_parallel_parsing_matches_one_process(make_table, tmp_path, monkeypatch):
     b = LogBuilder()
     build_mix(b, 1500, long_ids=True)
     t0 = 1_795_669_000_000
@@ -601,12 +575,12 @@ def test_parallel_parsing_matches_one_process(ing_table, tmp_path, monkeypatch):
     data = b.text(shuffle_ms=2)
     path = tmp_path / "big.log"
     path.write_bytes(data)
-    t1 = ing_table(key_width=96)
+    t1 = make_table(8192, key_width=96)
     s1 = ingest(t1, [str(path)], jobs=1, show_bad=10_000)
     monkeypatch.setattr(par, "PARALLEL_MIN", 0)
     monkeypatch.setattr(par, "TASK_BYTES", 20_000)          # dozens of ranges
     monkeypatch.setattr("npcalls.ingest.sources.CHUNK", 7_000)
-    t2 = ing_table(key_width=96)
+    t2 = make_table(8192, key_width=96)
     s2 = ingest(t2, [str(path)], jobs=2, show_bad=10_000)
     assert table_dict(t1) == table_dict(t2)
     assert (s1.lines, s1.bad, s1.too_long, s1.started, s1.ended, s1.end_only) == \
@@ -714,7 +688,7 @@ def test_a_cdr_of_an_unanswered_dialog_is_no_call():
 
 # ---------------------------------------------------------------------- batching
 
-def test_aggregate_is_what_record_many_would_keep(ing_table):
+def test_aggregate_is_what_record_many_would_keep(make_table):
     rnd = np.random.default_rng(3)
     n = 5000
     keys = np.array([b"k%d" % v for v in rnd.integers(0, 800, n)])
@@ -722,21 +696,21 @@ def test_aggregate_is_what_record_many_would_keep(ing_table):
     end = np.where(rnd.random(n) < 0.5, rnd.integers(1, 10**12, n), NOT_SET)
     k2, s2, e2 = aggregate(keys, start, end)
     assert len(k2) == len(set(keys.tolist()))
-    t1, t2 = ing_table(), ing_table()
+    t1, t2 = make_table(8192), make_table(8192)
     t1.record_many(keys, start, end)
     t2.record_many(k2, s2, e2)
     assert table_dict(t1) == table_dict(t2)
 
 
-def test_a_full_table_is_an_error_that_stops_the_load(ing_table, tmp_path):
+def test_a_full_table_is_an_error_that_stops_the_load(make_table, tmp_path):
     b = LogBuilder()
     build_mix(b, 400)
-    t = ing_table(capacity=64)
+    t = make_table(capacity=64)
     with pytest.raises(npcalls.TableFullError):
         _load_bytes(t, b.text(), tmp_path)
 
 
-def test_aggregate_falls_back_on_hash_collisions(ing_table, monkeypatch):
+def test_aggregate_falls_back_on_hash_collisions(make_table, monkeypatch):
     """Every key hashing alike must not merge calls: the batch is then written unfolded."""
     import npcalls.ingest.loader as loader_mod
     keys = np.array([b"a", b"b", b"a", b"c"])
@@ -745,7 +719,7 @@ def test_aggregate_falls_back_on_hash_collisions(ing_table, monkeypatch):
     monkeypatch.setattr(loader_mod, "_row_hash", lambda k: np.zeros(len(k), np.uint64))
     k2, s2, e2 = aggregate(keys, start, end)
     assert k2 is keys                                   # not folded
-    t = ing_table()
+    t = make_table(8192)
     b = LogBuilder()
     build_mix(b, 60)
     s = Loader(t)

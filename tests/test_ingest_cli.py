@@ -16,7 +16,7 @@ import pytest
 import npcalls
 from npcalls import NOT_SET
 
-DATA = "/work/shared/data"
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 LOG = os.path.join(DATA, "kamailio-acc.log")
 MS = 1_000_000
 

@@ -20,28 +20,6 @@ from npcalls.ingest.sources import open_source
 T0 = 1_795_668_428_000_000_000         # 2026-11-26T04:47:08Z in ns
 
 
-@pytest.fixture
-def tab_dir(tmp_path, monkeypatch):
-    d = tmp_path / "tables"
-    d.mkdir()
-    monkeypatch.setenv("NPCALLS_DIR", str(d))
-    return d
-
-
-@pytest.fixture
-def tab_table(tab_dir):
-    made: list[npcalls.CallTable] = []
-
-    def make(capacity: int = 8192, key_width: int = 64) -> npcalls.CallTable:
-        t = npcalls.CallTable.create(f"c{len(made)}", capacity, key_width)
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        t.close()
-
-
 def table_dict(t: npcalls.CallTable) -> dict[bytes, tuple[int, int]]:
     snap = t.snapshot()
     return {bytes(k): (int(s), int(e)) for k, s, e in
@@ -102,12 +80,12 @@ def load(t: npcalls.CallTable, text: str | bytes, tmp_path, name: str = "cdr.csv
 
 
 @pytest.mark.parametrize("unit", list(UNITS))
-def test_csv_every_time_unit_exact(tab_table, tmp_path, unit):
+def test_csv_every_time_unit_exact(make_table, tmp_path, unit):
     calls = make_calls(300, unit_ns=UNITS[unit])
     rows = ["uuid,caller,call_id,end_time,start_time,note"]
     for i, (cid, (st, en)) in enumerate(calls.items()):
         rows.append(f"{i},alice,{cid},{fmt(en, unit)},{fmt(st, unit)},x")
-    t = tab_table()
+    t = make_table(8192)
     s = load(t, "\n".join(rows) + "\n", tmp_path)
     assert (s.records, s.bad, s.lines) == (300, 0, 301)
     assert table_dict(t) == {k.encode(): v for k, v in calls.items()}
@@ -115,20 +93,20 @@ def test_csv_every_time_unit_exact(tab_table, tmp_path, unit):
 
 
 @pytest.mark.parametrize("unit", ["s", "ms", "us", "ns", "iso"])
-def test_csv_explicit_unit_and_column_names(tab_table, tmp_path, unit):
+def test_csv_explicit_unit_and_column_names(make_table, tmp_path, unit):
     calls = make_calls(50, seed=2, unit_ns=UNITS[unit])
     rows = ["Setup;ignored,ID,Hangup"]
     rows = ["setup,id,hangup"]
     for cid, (st, en) in calls.items():
         rows.append(f"{fmt(st, unit)},{cid},{fmt(en, unit)}")
-    t = tab_table()
+    t = make_table(8192)
     s = load(t, "\n".join(rows) + "\n", tmp_path, call_id_col="ID", start_col="Setup",
              end_col="hangup", time_unit=unit)
     assert s.records == 50 and s.bad == 0
     assert table_dict(t) == {k.encode(): v for k, v in calls.items()}
 
 
-def test_csv_quotes_crlf_bom_blank_lines_and_bad_rows(tab_table, tmp_path):
+def test_csv_quotes_crlf_bom_blank_lines_and_bad_rows(make_table, tmp_path):
     text = ("\ufeffcall_id,start,end,comment\r\n"
             'a1@h,1795668428.5,1795668430.25,"hello, world"\r\n'
             '"b,2@h",1795668429,,"active"\r\n'
@@ -138,7 +116,7 @@ def test_csv_quotes_crlf_bom_blank_lines_and_bad_rows(tab_table, tmp_path):
             "e5@h,,,nothing\r\n"                                       # no time: bad
             '"f 6@h",1795668429,1795668431,x\r\n'                      # space in the Call-ID
             "g7@h,1795668432,1795668433,x\r\n")
-    t = tab_table()
+    t = make_table(8192)
     s = load(t, text.encode("utf-8"), tmp_path, show_bad=10)
     assert table_dict(t) == {b"a1@h": (1795668428_500_000_000, 1795668430_250_000_000),
                              b"b,2@h": (1795668429_000_000_000, NOT_SET),
@@ -150,30 +128,30 @@ def test_csv_quotes_crlf_bom_blank_lines_and_bad_rows(tab_table, tmp_path):
     assert "no start or end" in s.problems[2].reason
 
 
-def test_csv_without_quotes_uses_the_same_rules(tab_table, tmp_path):
+def test_csv_without_quotes_uses_the_same_rules(make_table, tmp_path):
     """The vectorized CSV path and the csv-module path give the same result."""
     calls = make_calls(200, seed=4, unit_ns=1000)
     plain = ["call_id,start,end"] + [f"{k},{fmt(s, 'iso')},{fmt(e, 'iso')}"
                                      for k, (s, e) in calls.items()]
     quoted = ["call_id,start,end"] + [f'"{k}",{fmt(s, "iso")},"{fmt(e, "iso")}"'
                                       for k, (s, e) in calls.items()]
-    t1, t2 = tab_table(), tab_table()
+    t1, t2 = make_table(8192), make_table(8192)
     load(t1, "\n".join(plain) + "\n", tmp_path, name="p.csv")
     load(t2, "\n".join(quoted) + "\n", tmp_path, name="q.csv")
     assert table_dict(t1) == table_dict(t2) == {k.encode(): v for k, v in calls.items()}
 
 
-def test_csv_header_without_a_call_id_column_is_an_error(tab_table, tmp_path):
-    t = tab_table()
+def test_csv_header_without_a_call_id_column_is_an_error(make_table, tmp_path):
+    t = make_table(8192)
     s = load(t, "who,when\nx,1\n", tmp_path, format="csv")
     assert s.errors and "Call-ID column" in s.errors[0]
     s = load(t, "call_id,start\nx,1\n", tmp_path, name="b.csv", start_col="setup")
     assert s.errors and "no start column 'setup'" in s.errors[0]
 
 
-def test_csv_long_call_ids_are_reported(tab_table, tmp_path):
+def test_csv_long_call_ids_are_reported(make_table, tmp_path):
     long = "L" * 90 + "@h"
-    t = tab_table(key_width=64)
+    t = make_table(8192, key_width=64)
     s = load(t, f"call_id,start,end\nok@h,1,2\n{long},3,4\n", tmp_path, time_unit="s")
     assert s.too_long == 1 and s.problems[0].line == 3
     assert table_dict(t) == {b"ok@h": (10**9, 2 * 10**9)}
@@ -181,21 +159,21 @@ def test_csv_long_call_ids_are_reported(tab_table, tmp_path):
 
 @pytest.mark.parametrize("epoch_ns", [False, True])
 @pytest.mark.parametrize("fmt_name", ["csv", "jsonl"])
-def test_dump_round_trip(tab_table, tmp_path, epoch_ns, fmt_name):
-    src = tab_table()
+def test_dump_round_trip(make_table, tmp_path, epoch_ns, fmt_name):
+    src = make_table(8192)
     calls = make_calls(500, seed=7, unit_ns=1000 if not epoch_ns else 1)
     keys = list(calls)
     src.record_many(keys, [calls[k][0] for k in keys], [calls[k][1] for k in keys])
     src.stop("ended-only@h", T0, insert_missing=True)
     buf = io.StringIO()
     (write_csv if fmt_name == "csv" else write_jsonl)(src.snapshot(), buf, epoch_ns=epoch_ns)
-    t = tab_table()
+    t = make_table(8192)
     s = load(t, gzip.compress(buf.getvalue().encode()), tmp_path, name="dump.gz")
     assert s.bad == 0 and s.records == 501
     assert table_dict(t) == table_dict(src)
 
 
-def test_jsonl_units_nulls_and_bad_lines(tab_table, tmp_path):
+def test_jsonl_units_nulls_and_bad_lines(make_table, tmp_path):
     lines = [
         {"call_id": "a@h", "start": 1795668428.5, "end": 1795668430},           # s, float
         {"callid": "b@h", "start_time": "2026-11-26T04:47:08.25Z", "end_time": None},
@@ -208,7 +186,7 @@ def test_jsonl_units_nulls_and_bad_lines(tab_table, tmp_path):
         {"call_id": "f@h", "end": 1795668431},
     ]
     text = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n\n"
-    t = tab_table()
+    t = make_table(8192)
     s = load(t, text, tmp_path, name="x.jsonl")
     assert table_dict(t) == {
         b"a@h": (1795668428_500_000_000, 1795668430_000_000_000),
@@ -221,11 +199,11 @@ def test_jsonl_units_nulls_and_bad_lines(tab_table, tmp_path):
 
 
 @pytest.mark.parametrize("unit,scale", [("ms", 10**6), ("ns", 1), ("us", 1000)])
-def test_jsonl_integer_units(tab_table, tmp_path, unit, scale):
+def test_jsonl_integer_units(make_table, tmp_path, unit, scale):
     calls = make_calls(100, seed=9, unit_ns=scale)
     text = "".join(json.dumps({"id": k, "a": s // scale, "b": None if e == NOT_SET else e // scale})
                    + "\n" for k, (s, e) in calls.items())
-    t = tab_table()
+    t = make_table(8192)
     s = load(t, text, tmp_path, name="u.jsonl", call_id_col="id", start_col="a", end_col="b",
              time_unit="auto")
     assert s.bad == 0
@@ -248,8 +226,8 @@ def test_csv_parser_alone_and_in_chunks():
     assert got == {k.encode(): v for k, v in calls.items()}
 
 
-def test_format_auto_detection(tab_table, tmp_path):
-    t = tab_table()
+def test_format_auto_detection(make_table, tmp_path):
+    t = make_table(8192)
     s = load(t, "call_id,start,end\nx@h,1795668428,1795668429\n", tmp_path, name="noext")
     assert s.records == 1
     s = load(t, '{"call_id": "y@h", "start": 1795668428}\n', tmp_path, name="noext2")

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-pytest.importorskip("duckdb")
-pytest.importorskip("pandas")
-mpimg = pytest.importorskip("matplotlib.image")
+import duckdb  # noqa: F401  (the notebook queries Parquet with it)
+import ipykernel  # noqa: F401  (the notebook runs in it)
+import matplotlib.image as mpimg
+import nbclient
+import nbformat
 
 import npcalls
 

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-pytest.importorskip("rich")
+import rich  # noqa: F401,E402  (dev dependency: `top` draws with it)
 
 import npcalls
 from npcalls import NOT_SET
