@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 import numpy as np
 
 from .layout import NOT_SET
+from .timestamps import format_age
 
 if TYPE_CHECKING:  # pragma: no cover - only for annotations
     import pandas as pd
@@ -747,18 +748,6 @@ def _fmt_ns(ns: int) -> str:
     return str(np.datetime64(int(ns), "ns").astype("datetime64[ms]")).replace("T", " ")
 
 
-def _fmt_age(ns: int) -> str:
-    s = ns / _S
-    if s < 0:
-        return f"{s:.1f} s"
-    if s < 120:
-        return f"{s:.1f} s"
-    m, sec = divmod(int(s), 60)
-    h, m = divmod(m, 60)
-    d, h = divmod(h, 24)
-    return (f"{d}d " if d else "") + f"{h:d}:{m:02d}:{sec:02d}"
-
-
 def _key_str(k: bytes) -> str:
     return k.decode("utf-8", "backslashreplace")
 
@@ -828,7 +817,7 @@ def table_html(table: "CallTable", rows: int = 5) -> str:
         parts.append(f"<b>Longest active calls</b> ({len(act):,} active)<table>"
                      "<tr><th>call_id</th><th>start (UTC)</th><th class='num'>up for</th></tr>")
         parts += [f"<tr><td><code>{esc(_key_str(key[i]))}</code></td><td>{_fmt_ns(st[i])}</td>"
-                  f"<td class='num'>{_fmt_age(now - int(st[i]))}</td></tr>" for i in pick]
+                  f"<td class='num'>{format_age(now - int(st[i]), 120)}</td></tr>" for i in pick]
         parts.append("</table>")
     done = np.flatnonzero(en != NOT_SET)
     if len(done) and rows > 0:
@@ -838,7 +827,7 @@ def table_html(table: "CallTable", rows: int = 5) -> str:
         parts.append("<b>Latest ends</b><table><tr><th>call_id</th><th>start (UTC)</th>"
                      "<th>end (UTC)</th><th class='num'>duration</th></tr>")
         for i in pick:
-            dur = "" if st[i] == NOT_SET else _fmt_age(int(en[i]) - int(st[i]))
+            dur = "" if st[i] == NOT_SET else format_age(int(en[i]) - int(st[i]), 120)
             parts.append(f"<tr><td><code>{esc(_key_str(key[i]))}</code></td>"
                          f"<td>{_fmt_ns(st[i])}</td><td>{_fmt_ns(en[i])}</td>"
                          f"<td class='num'>{dur}</td></tr>")
@@ -862,7 +851,7 @@ def _live_stats_html(table: "CallTable", df: "pd.DataFrame", prev: Any, cur: Any
     ds = duration_stats(df, (50, 95))
     lr = long_running(df, "0s").head(3)
     rows = "".join(f"<tr><td><code>{esc(str(r.call_id))}</code></td>"
-                   f"<td class='num'>{_fmt_age(int(r.age.value))}</td></tr>"
+                   f"<td class='num'>{format_age(int(r.age.value), 120)}</td></tr>"
                    for r in lr.itertuples())
     now = df.attrs["now"]
     fmt = (lambda v: "–" if v != v else f"{v:,.1f} s")  # noqa: E731 - NaN check

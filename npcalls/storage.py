@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import FormatError, NpcallsError, TableExistsError, TableNotFoundError
-from .layout import BUCKET, HEADER_SIZE, Geometry, W, pack_header, parse_header, row_dtype
+from .layout import BUCKET, HEADER_SIZE, Geometry, pack_header, parse_header, row_dtype
 
 __all__ = ["resolve", "shm_dir", "Mapping", "build_temp", "link_into_place", "open_mapping",
            "remove_files", "same_file", "stale_temp_files"]
@@ -89,9 +89,6 @@ class Mapping:
         self.tag_word0 = g.tags_offset // 8
         self.row_word0 = g.rows_offset // 8
         self.row_words = g.row_size // 8
-
-    def word(self, name: str) -> int:
-        return self.q[W[name]]
 
     def close(self) -> None:
         """Release every view, then the mapping and the descriptor."""

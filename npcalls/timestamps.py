@@ -18,7 +18,8 @@ import numpy as np
 from .errors import InvalidTimestampError
 from .layout import NOT_SET
 
-__all__ = ["now_ns", "to_ns", "to_ns_array", "from_seconds", "parse_duration", "parse_time", "format_ns"]
+__all__ = ["now_ns", "to_ns", "to_ns_array", "from_seconds", "parse_duration", "parse_time", "format_ns",
+           "format_age"]
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _I64_MAX = np.iinfo(np.int64).max
@@ -201,6 +202,17 @@ def parse_time(text: str, now: int | None = None) -> int:
     if np.isnat(t):
         raise bad
     return int(t.astype(np.int64))
+
+
+def format_age(ns: int, seconds_below: float = 60) -> str:
+    """A duration for people: ``42.5 s`` below ``seconds_below`` seconds, else ``[Nd ]h:mm:ss``."""
+    s = ns / 1e9
+    if s < seconds_below:
+        return f"{s:.1f} s"
+    m, sec = divmod(int(s), 60)
+    h, m = divmod(m, 60)
+    d, h = divmod(h, 24)
+    return (f"{d}d " if d else "") + f"{h}:{m:02d}:{sec:02d}"
 
 
 def format_ns(ns: int) -> str:

@@ -24,20 +24,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from .layout import NOT_SET
+from .timestamps import format_age
 
 __all__ = ["TopView", "run_top"]
 
 _SPARK = " ▁▂▃▄▅▆▇█"
-
-
-def _fmt_age(ns: int) -> str:
-    s = max(ns, 0) / 1e9
-    if s < 60:
-        return f"{s:.1f} s"
-    m, sec = divmod(int(s), 60)
-    h, m = divmod(m, 60)
-    d, h = divmod(h, 24)
-    return (f"{d}d " if d else "") + f"{h}:{m:02d}:{sec:02d}"
 
 
 def _fmt_clock(ns: int) -> str:
@@ -151,7 +142,7 @@ class TopView:
         lt.add_column("started (UTC)")
         lt.add_column("up for", justify="right")
         for i, (k, st) in enumerate(self.longest, 1):
-            lt.add_row(str(i), k, _fmt_clock(st), _fmt_age(self.now_ns - st))
+            lt.add_row(str(i), k, _fmt_clock(st), format_age(max(self.now_ns - st, 0)))
         if not self.longest:
             lt.add_row("", Text("no active calls", "dim"), "", "")
         return Group(head, Text(""), g, spark, Text(""), lt)
