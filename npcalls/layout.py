@@ -68,6 +68,14 @@ DYNAMIC_FIELDS = (
 W = {name: (DYNAMIC_OFFSET + 8 * i) // 8 for i, name in enumerate(DYNAMIC_FIELDS)}
 """Index of each dynamic header word in a uint64 view of the mapping."""
 
+LOCK_INO_OFFSET = 320
+"""u64: inode number of the lock file the table's writers lock (0: not yet recorded).
+
+On a cache line of its own, apart from the words above: writers read it on
+every operation, it changes only when the lock file was removed or replaced.
+"""
+W["lock_ino"] = LOCK_INO_OFFSET // 8
+
 
 def key_field_width(key_width: int) -> int:
     """Bytes a key occupies in a row: ``key_width`` rounded up to a multiple of 8."""

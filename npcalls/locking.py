@@ -27,35 +27,57 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import struct
 import threading
 import time
 
 from .errors import NpcallsError
 
-__all__ = ["WriterLock", "lock_holder"]
+__all__ = ["WriterLock", "lock_holder", "WAIT_REPORT_S"]
 
 _lockf = fcntl.lockf
 _LOCK_EX = fcntl.LOCK_EX
+_LOCK_EX_NB = fcntl.LOCK_EX | fcntl.LOCK_NB
 _LOCK_UN = fcntl.LOCK_UN
+_BUSY = (errno.EAGAIN, errno.EACCES)
 _registry: dict[str, "_LockFile"] = {}
 _registry_guard = threading.Lock()
 
+WAIT_REPORT_S = 1.0
+"""A writer that has waited this long for the lock says so, once (logging, else stderr)."""
+
 
 class _LockFile:
-    __slots__ = ("path", "fd", "rlock", "depth", "refs")
+    __slots__ = ("path", "key", "fd", "dev", "ino", "mode", "owner", "rlock", "depth", "refs")
 
-    def __init__(self, path: str, fd: int) -> None:
+    def __init__(self, path: str, key: str, fd: int, mode: int,
+                 owner: tuple[int, int] | None) -> None:
         self.path = path
+        self.key = key
         self.fd = fd
+        st = os.fstat(fd)
+        self.dev, self.ino = st.st_dev, st.st_ino
+        self.mode = mode
+        self.owner = owner
         self.rlock = threading.RLock()
         self.depth = 0
         self.refs = 0
 
 
+def _key(path: str) -> str:
+    # the directory resolved, the last component not: the lock path itself may be
+    # replaced by a link, which must not change which registry entry it is
+    d, b = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(d), b)
+
+
 def _after_fork_in_child() -> None:
-    global _registry_guard
+    global _registry_guard, _watch_lock, _watch_thread
     _registry_guard = threading.Lock()
+    _watch_lock = threading.Lock()
+    _watch_thread = None
+    _waiters.clear()
     for lf in _registry.values():
         lf.rlock = threading.RLock()
         lf.depth = 0
@@ -63,35 +85,186 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
+_REMEDY = "remove it (as its owner or root); npcalls re-creates the lock file on the next write"
 
-def open_lock_file(path: str, mode: int, create: bool) -> tuple[int, bool]:
+
+def open_lock_file(path: str, mode: int, create: bool,
+                   owner: tuple[int, int] | None = None) -> tuple[int, bool]:
     """Open (or create) a lock file, never following a symlink at its last component.
 
     Returns ``(fd, created)``.  A new lock file gets exactly ``mode`` (set with
     fchmod: the umask must not keep a group the table is shared with out of
-    its lock).
+    its lock) and, when root creates it, the table's owner and group.
+
+    Raises
+    ------
+    NpcallsError
+        The path is a directory, FIFO, symlink or other non-file, a file that
+        belongs neither to the table's owner nor to this user, or one this
+        user may not open: the message names the file and what to do.
     """
-    import stat
-    base = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+    base = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     created = False
     try:
         if create:
             try:
                 fd = os.open(path, base | os.O_CREAT | os.O_EXCL, mode)
                 created = True
-                os.fchmod(fd, mode)
             except FileExistsError:
                 fd = os.open(path, base)
         else:
             fd = os.open(path, base)
     except OSError as e:
         if e.errno == errno.ELOOP or (e.errno == errno.EEXIST and os.path.islink(path)):
-            raise NpcallsError(f"lock file {path} is a symbolic link; refusing to follow it") from None
+            raise NpcallsError(f"lock file {path} is a symbolic link; refusing to follow it: "
+                               f"{_REMEDY}") from None
+        if e.errno == errno.EISDIR:
+            raise NpcallsError(f"lock file {path} is a directory, not a lock file: "
+                               f"{_REMEDY}") from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            try:
+                st = os.lstat(path)
+                what = f" (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+            except OSError:
+                what = ""
+            raise NpcallsError(f"cannot open lock file {path}{what}: permission denied; a "
+                               "writer needs read-write access to the table's lock file: give "
+                               f"it the table's owner and mode, or {_REMEDY}") from None
+        if e.errno == errno.ENXIO:
+            raise NpcallsError(f"lock file {path} is not a regular file: {_REMEDY}") from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NpcallsError(f"lock file {path} is not a regular file: {_REMEDY}")
+        if created:
+            os.fchmod(fd, mode)
+            if owner is not None and os.geteuid() == 0 and (st.st_uid, st.st_gid) != owner:
+                os.fchown(fd, *owner)       # a lock root re-creates stays the table owner's
+                os.fchmod(fd, mode)
+        elif owner is not None and st.st_uid not in (owner[0], os.geteuid()):
+            raise NpcallsError(f"lock file {path} belongs to uid {st.st_uid}, the table to uid "
+                               f"{owner[0]}: a lock file of another user could keep writers "
+                               f"out or let two in; {_REMEDY}")
+        os.set_blocking(fd, True)
+    except BaseException:
         os.close(fd)
-        raise NpcallsError(f"lock file {path} is not a regular file")
+        if created:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
     return fd, created
+
+
+# ---------------------------------------------------------------- waiting, reported once
+
+_waiters: dict[int, list] = {}          # id(entry) -> [lock file, since, reported?]
+_watch_lock = threading.Lock()
+_watch_thread: threading.Thread | None = None
+
+
+def _lock_waiting(lf: _LockFile) -> None:
+    """Block until the lock is ours; a watchdog thread reports a wait past WAIT_REPORT_S.
+
+    Only reached when a non-blocking attempt found the lock taken, so the
+    uncontended path costs one system call as before.
+    """
+    global _watch_thread
+    entry = [lf, time.monotonic(), False]
+    with _watch_lock:
+        _waiters[id(entry)] = entry
+        if _watch_thread is None:
+            _watch_thread = threading.Thread(target=_watch, name="npcalls-lock-watch",
+                                             daemon=True)
+            _watch_thread.start()
+    try:
+        _lockf(lf.fd, _LOCK_EX)
+    finally:
+        with _watch_lock:
+            _waiters.pop(id(entry), None)
+
+
+def _watch() -> None:
+    global _watch_thread
+    idle = 0
+    while True:
+        time.sleep(0.2)
+        now = time.monotonic()
+        with _watch_lock:
+            if not _waiters:
+                idle += 1
+                if idle > 25:               # nobody waited for 5 s: stop until needed again
+                    _watch_thread = None
+                    return
+                continue
+            idle = 0
+            due = [e for e in _waiters.values() if not e[2] and now - e[1] >= WAIT_REPORT_S]
+            for e in due:
+                e[2] = True
+        for e in due:
+            lf = e[0]
+            try:
+                holder = _holder_of(lf.fd)
+            except OSError:
+                holder = None
+            import logging
+            who = f"held by pid {holder}" if holder else "held by another process"
+            logging.getLogger("npcalls").warning(
+                "npcalls: pid %d waiting %.1f s for the writer lock %s, %s (a writer stopped "
+                "or very slow?); still waiting", os.getpid(), now - e[1], lf.path, who)
+
+
+def _lock_ex(lf: _LockFile) -> None:
+    try:
+        _lockf(lf.fd, _LOCK_EX_NB)
+    except OSError as e:
+        if e.errno not in _BUSY:
+            raise
+        _lock_waiting(lf)
+
+
+# ---------------------------------------------------------------- the lock file's identity
+
+def _wait_out_holders(dev: int, ino: int) -> list[int]:
+    """Wait until no process holds a lock on the (unlinked) file ``dev``/``ino``.
+
+    The file is found through the descriptors other processes still have open
+    (``/proc/PID/fd``); a shared lock on it is granted only once its writer is
+    out, and is kept (the descriptors are returned) until the caller has
+    stamped the new lock file into the table header.  Processes this user may
+    not inspect are not seen (see docs/format.md, "Limits").
+    """
+    me = os.getpid()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        if pid == me:
+            continue
+        d = f"/proc/{pid}/fd"
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for n in names:
+            p = f"{d}/{n}"
+            try:
+                st = os.stat(p)
+                if st.st_ino != ino or st.st_dev != dev or not stat.S_ISREG(st.st_mode):
+                    continue
+                fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                _lockf(fd, fcntl.LOCK_SH)
+            except OSError:
+                os.close(fd)
+                continue
+            return [fd]                     # one descriptor of the inode is enough
+    return []
 
 
 class WriterLock:
@@ -103,20 +276,29 @@ class WriterLock:
         The lock file.
     mode : int
         Permission bits if the lock file has to be created.
+    owner : (uid, gid), optional
+        The table file's owner: a lock file of another user is refused, and one
+        that root (re-)creates is given to this owner.
     """
 
-    def __init__(self, path: str, mode: int = 0o600) -> None:
-        key = os.path.realpath(path)
+    def __init__(self, path: str, mode: int = 0o600,
+                 owner: tuple[int, int] | None = None) -> None:
+        key = _key(path)
         self.created = False
         """True if this handle created the lock file."""
         with _registry_guard:
             lf = _registry.get(key)
             if lf is None:
-                fd, self.created = open_lock_file(path, mode, create=True)
-                lf = _LockFile(key, fd)
+                fd, self.created = open_lock_file(path, mode, create=True, owner=owner)
+                lf = _LockFile(path, key, fd, mode, owner)
                 _registry[key] = lf
             lf.refs += 1
         self._lf: _LockFile | None = lf
+
+    @property
+    def inode(self) -> int:
+        """Inode number of the lock file this process locks (stamped into the table header)."""
+        return self._lf.ino
 
     def acquire(self, timeout: float | None = None) -> None:
         """Take the lock, waiting up to ``timeout`` seconds (None: as long as it takes)."""
@@ -130,7 +312,7 @@ class WriterLock:
         if lf.depth == 0:
             try:
                 if timeout is None:
-                    fcntl.lockf(lf.fd, fcntl.LOCK_EX)
+                    _lock_ex(lf)
                 else:
                     self._acquire_polling(lf, timeout)
             except BaseException:
@@ -147,7 +329,7 @@ class WriterLock:
                 fcntl.lockf(lf.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                if e.errno not in _BUSY:
                     raise
             if time.monotonic() >= deadline:
                 holder = lock_holder(lf.path)
@@ -162,7 +344,7 @@ class WriterLock:
         lf.rlock.acquire()
         if lf.depth == 0:
             try:
-                _lockf(lf.fd, _LOCK_EX)
+                _lock_ex(lf)
             except BaseException:
                 lf.rlock.release()
                 raise
@@ -184,6 +366,46 @@ class WriterLock:
             fcntl.lockf(lf.fd, fcntl.LOCK_UN)
         lf.rlock.release()
 
+    def settle(self, q, word: int) -> None:
+        """With the lock held: make sure it is the lock every writer of the table takes.
+
+        ``q[word]`` is the table header's record of the lock file's inode.
+        If it names another file, the lock file was removed or replaced: if
+        ours is no longer the file at the lock path, move to the one that is
+        (re-creating it if it vanished) and take that; if ours is the file at
+        the path, first wait until no process is inside on the old one, then
+        record ours.  So two writers are never inside at once, whatever
+        happened to the lock file (docs/format.md, "Writing").
+        """
+        lf = self._lf
+        while q[word] != lf.ino:
+            try:
+                st = os.lstat(lf.path)
+                here = (st.st_dev, st.st_ino) == (lf.dev, lf.ino)
+            except FileNotFoundError:
+                here = False
+            if not here:
+                self._move(lf)
+                continue
+            old = int(q[word])
+            held = _wait_out_holders(lf.dev, old) if old else []
+            try:
+                q[word] = lf.ino
+            finally:
+                for fd in held:
+                    os.close(fd)
+
+    @staticmethod
+    def _move(lf: _LockFile) -> None:
+        """Swap our (stale) lock file for the one at the path, and lock that."""
+        fd, _ = open_lock_file(lf.path, lf.mode, create=True, owner=lf.owner)
+        old = lf.fd
+        _lockf(old, _LOCK_UN)
+        st = os.fstat(fd)
+        lf.fd, lf.dev, lf.ino = fd, st.st_dev, st.st_ino
+        os.close(old)
+        _lock_ex(lf)
+
     @property
     def held(self) -> bool:
         """True if this process holds the lock (in any thread)."""
@@ -198,11 +420,17 @@ class WriterLock:
         with _registry_guard:
             lf.refs -= 1
             if lf.refs == 0:
-                _registry.pop(lf.path, None)
+                _registry.pop(lf.key, None)
                 os.close(lf.fd)
 
 
 _FLOCK = "hhqqi4x"  # struct flock on Linux x86-64 / aarch64: type, whence, start, len, pid
+
+
+def _holder_of(fd: int) -> int | None:
+    query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    ltype, _, _, _, pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    return None if ltype == fcntl.F_UNLCK else pid
 
 
 def lock_holder(path: str) -> int | None:
@@ -212,17 +440,24 @@ def lock_holder(path: str) -> int | None:
     that died in the middle of a row (whose half-done row they may then read).
     """
     query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-    lf = _registry.get(os.path.realpath(path))
+    lf = _registry.get(_key(path))
     if lf is not None:
         # Never open and close a second descriptor here: closing it would drop
         # this process's own lock (the POSIX close trap described above).
         if lf.depth > 0:
             return os.getpid()
-        ltype, _, _, _, pid = struct.unpack(_FLOCK, fcntl.fcntl(lf.fd, fcntl.F_GETLK, query))
-        return None if ltype == fcntl.F_UNLCK else pid
+        for _ in range(3):
+            try:
+                return _holder_of(lf.fd)
+            except OSError:
+                # another thread moved to a new lock file and closed this descriptor
+                # meanwhile; never fall back to opening the path while we have a
+                # handle: closing that descriptor would drop the lock we may hold
+                continue
+        return None
     with _registry_guard:   # no handle of this process can take the lock while we close
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return None
         try:

@@ -13,6 +13,7 @@ Both run with the writer lock held, on behalf of a :class:`CallTable`
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -22,10 +23,13 @@ from .batching import bucket_order, group_sorted
 from .crashpoints import crashpoint
 from .hashing import tags_of
 from .keys import encode_keys
-from .layout import NOT_SET, STATE_REMOVED, STATE_RETIRED, TOMBSTONE, W, make_geometry
-from .storage import Mapping, build_temp, open_mapping, stale_temp_files
+from .errors import NpcallsError
+from .layout import (NOT_SET, STATE_LIVE, STATE_REMOVED, STATE_RETIRED, TOMBSTONE, W,
+                     make_geometry)
+from .storage import Mapping, build_temp, open_mapping, same_file, stale_temp_files
 
-__all__ = ["CheckReport", "rebuild_locked", "check_locked", "sanitize_rows", "file_mode"]
+__all__ = ["CheckReport", "rebuild_locked", "rebuild_refusal", "check_locked", "sanitize_rows",
+           "file_mode"]
 
 _W_WSEQ, _W_COUNT, _W_TOMB, _W_STATE = W["wseq"], W["count"], W["tombstones"], W["state"]
 
@@ -33,6 +37,40 @@ _W_WSEQ, _W_COUNT, _W_TOMB, _W_STATE = W["wseq"], W["count"], W["tombstones"], W
 def file_mode(fd: int) -> int:
     """Permission bits of an open file (a rebuilt file keeps its table's mode)."""
     return os.fstat(fd).st_mode & 0o7777
+
+
+def rebuild_refusal(path: str, m: Mapping) -> str | None:
+    """Why this process may not rebuild the table file, or None if it may.
+
+    A rebuilt file replaces the old one by rename, so it must get the old
+    file's owner, group and mode, and the rename must be allowed.  Only root
+    can give a file to another user; a user can give it only a group it is a
+    member of; a rename over another user's file in a sticky directory (such
+    as /dev/shm) is refused by the kernel.  Checked before anything changes,
+    so a refused rebuild leaves the table exactly as it was.
+    """
+    st = os.fstat(m.fd)
+    euid = os.geteuid()
+    d = os.path.dirname(os.path.abspath(path))
+    if euid != 0:
+        if st.st_uid != euid:
+            return (f"cannot rebuild table {path}: it belongs to uid {st.st_uid}, and a rebuilt "
+                    f"file would belong to uid {euid} (this user); grow or compact it as uid "
+                    f"{st.st_uid} or as root")
+        if st.st_gid != os.getegid() and st.st_gid not in os.getgroups():
+            return (f"cannot rebuild table {path}: its group {st.st_gid} is not one of this "
+                    f"user's groups, so the rebuilt file could not keep it; rebuild it as root")
+    try:
+        dst = os.stat(d)
+    except OSError as e:
+        return f"cannot rebuild table {path}: {d}: {e.strerror}"
+    if not os.access(d, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        return (f"cannot rebuild table {path}: no permission to create files in {d} (a rebuild "
+                "writes a new file beside the table and renames it over the table)")
+    if dst.st_mode & stat.S_ISVTX and euid != 0 and euid not in (st.st_uid, dst.st_uid):
+        return (f"cannot rebuild table {path}: {d} is a sticky directory and the table belongs "
+                f"to uid {st.st_uid}; only its owner or root may replace it")
+    return None
 
 
 class CheckReport(NamedTuple):
@@ -99,31 +137,42 @@ def rebuild_locked(t: Any, m: Mapping, capacity: int, rehash: bool = False) -> l
     merged (first start and first end kept); returns what was dropped.
     """
     g = m.geometry
+    refusal = rebuild_refusal(t._path, m)
+    if refusal:
+        raise NpcallsError(refusal)
+    st = os.fstat(m.fd)
     w = int(m.q[_W_WSEQ]) & ~1
     m.q[_W_WSEQ] = w + 1
-    live = np.flatnonzero(m.tags >= 2)
-    rows = np.take(m.rowq, live, axis=0)
-    fields = np.ascontiguousarray(rows[:, 3:]).view(f"S{g.key_field}").reshape(len(rows))
-    starts = np.ascontiguousarray(rows[:, 1]).view(np.int64)
-    ends = np.ascontiguousarray(rows[:, 2]).view(np.int64)
-    dropped: list[str] = []
-    if rehash:
-        fields, starts, ends, tags, dropped = sanitize_rows(fields, starts, ends, g)
-    else:
-        tags = m.tags[live]
-    order = bucket_order(tags)
-    ng = make_geometry(capacity, g.key_width, g.seed, g.max_load, g.created_ns, g.flags,
-                       g.generation + 1)
-    if len(tags) > ng.limit:
-        m.q[_W_WSEQ] = w + 2
-        raise ValueError(f"capacity {capacity} cannot hold the {len(tags)} calls present "
-                         f"at max load {g.max_load}")
-    tmp = build_temp(t._path, ng, file_mode(m.fd))
+    tmp = None
+    retired = renamed = False
     try:
+        live = np.flatnonzero(m.tags >= 2)
+        rows = np.take(m.rowq, live, axis=0)
+        fields = np.ascontiguousarray(rows[:, 3:]).view(f"S{g.key_field}").reshape(len(rows))
+        starts = np.ascontiguousarray(rows[:, 1]).view(np.int64)
+        ends = np.ascontiguousarray(rows[:, 2]).view(np.int64)
+        dropped: list[str] = []
+        if rehash:
+            fields, starts, ends, tags, dropped = sanitize_rows(fields, starts, ends, g)
+        else:
+            tags = m.tags[live]
+        order = bucket_order(tags)
+        ng = make_geometry(capacity, g.key_width, g.seed, g.max_load, g.created_ns, g.flags,
+                           g.generation + 1)
+        if len(tags) > ng.limit:
+            raise ValueError(f"capacity {capacity} cannot hold the {len(tags)} calls present "
+                             f"at max load {g.max_load}")
+        mode = stat.S_IMODE(st.st_mode)
+        tmp = build_temp(t._path, ng, mode)
+        if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+            # the file replaces the table: it keeps the table's owner and group
+            # (chown may drop set-id bits: the mode is set again after it)
+            os.chown(tmp, st.st_uid, st.st_gid)
+            os.chmod(tmp, mode)
         new = open_mapping(tmp, readonly=False)
         try:
             probe.place(new, tags[order], fields, order, starts[order], ends[order], 1)
-            for name in ("n_started", "n_stopped", "n_removed", "n_recoveries"):
+            for name in ("n_started", "n_stopped", "n_removed", "n_recoveries", "lock_ino"):
                 new.q[W[name]] = m.q[W[name]]
             new.q[W["n_rebuilds"]] = m.q[W["n_rebuilds"]] + 1
             new.q[_W_COUNT] = len(tags)
@@ -133,24 +182,26 @@ def rebuild_locked(t: Any, m: Mapping, capacity: int, rehash: bool = False) -> l
             # the lock after us re-opens the path; if we die in between, the
             # next writer finds the old file still at the path and revives it.
             m.q[_W_STATE] = STATE_RETIRED
+            retired = True
             crashpoint("rebuild-retired")
             os.rename(tmp, t._path)
+            renamed = True
         except BaseException:
             new.close()
             raise
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if m.q[_W_STATE] != STATE_RETIRED:
-            m.q[_W_WSEQ] = w + 2
+        if tmp is not None and not renamed:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if retired and not renamed:
+            m.q[_W_STATE] = STATE_LIVE      # nothing replaced it: it is still the table
+        m.q[_W_WSEQ] = w + 2
         raise
     new.path = t._path
     m.q[_W_WSEQ] = w + 2
-    t._m = new
-    t._set_geometry(new)
-    m.close()
+    t._install(new)
     return dropped
 
 
@@ -202,6 +253,12 @@ def check_locked(t: Any, m: Mapping, notes: list, problems: list, repaired: list
                         f"bucket{what} (first at slot {int(live[lost[0]])})")
     if q[_W_STATE] == STATE_REMOVED:
         problems.append("the table was removed (unlinked)")
+    elif q[_W_STATE] == STATE_RETIRED and same_file(t._path, m.inode):
+        # like a crashed writer's leftovers: the next writer fixes it on its own
+        notes.append("the table file is marked retired but nothing replaced it (a rebuild "
+                        "died between retiring it and renaming the new file into place); "
+                        "readers answer from it, the next writer or `npcalls check --repair` "
+                        "makes it live again")
     if repair and (crashed or stale or problems or (odd and not crashed)):
         if crashed or odd:
             t._recover_locked(m)

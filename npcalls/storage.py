@@ -90,6 +90,17 @@ class Mapping:
         self.row_word0 = g.rows_offset // 8
         self.row_words = g.row_size // 8
 
+    def __del__(self) -> None:
+        # A mapping a rebuild left behind is never closed explicitly (another
+        # thread may still read it); its descriptor goes with its last reference.
+        fd = self.__dict__.get("fd", -1)
+        if fd >= 0:
+            self.fd = -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def close(self) -> None:
         """Release every view, then the mapping and the descriptor."""
         for attr in ("tags", "tags2d", "rows", "rowq", "rowv", "seqcol"):
@@ -188,6 +199,8 @@ def open_mapping(path: str, readonly: bool) -> Mapping:
         os.set_blocking(fd, True)
         buf = os.pread(fd, HEADER_SIZE, 0)
         g = parse_header(buf, st.st_size, path)
+        if st.st_blocks * 512 < g.file_size:
+            _reserve_or_refuse(fd, path, g.file_size, st.st_blocks * 512, readonly)
         prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
         mm = mmap.mmap(fd, g.file_size, mmap.MAP_SHARED, prot)
         if os.fstat(fd).st_size != g.file_size:
@@ -197,6 +210,54 @@ def open_mapping(path: str, readonly: bool) -> Mapping:
     except BaseException:
         os.close(fd)
         raise
+
+
+_MEMORY_FS = (0x01021994, 0x858458F6)   # tmpfs (also /dev/shm), ramfs
+
+
+def _fs_type(fd: int) -> int | None:
+    """statfs f_type of an open file (os.statvfs does not give it); None if unknown."""
+    import ctypes
+    import struct
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(256)
+        if libc.fstatfs(fd, buf) != 0:
+            return None
+        return struct.unpack_from("l", buf.raw)[0] & 0xFFFFFFFF
+    except (OSError, AttributeError):
+        return None
+
+
+def _reserve_or_refuse(fd: int, path: str, size: int, allocated: int, readonly: bool) -> None:
+    """A sparse table file: reserve its space (writers) or refuse it, never a SIGBUS later.
+
+    On tmpfs every page touched, even read, must be allocated then: in a full
+    tmpfs that is a SIGBUS.  A writer reserves the whole file first
+    (posix_fallocate) and refuses cleanly if the space is not there; a reader
+    may not write, so it refuses a sparse file on tmpfs and names the fix.  On
+    disk filesystems holes read as zeros without allocating anything, and some
+    (compressing ones) report fewer blocks than the size for dense files:
+    readers accept those.
+    """
+    what = (f"{path}: the file is sparse ({allocated / 2**20:.1f} of {size / 2**20:.1f} MiB "
+            "allocated, e.g. copied with `cp --sparse=always`)")
+    fix = ("open it once for writing to reserve its space (with room free), or copy it again "
+           "with `cp --sparse=never`")
+    if readonly:
+        if _fs_type(fd) in _MEMORY_FS:
+            raise FormatError(f"{what}; reading it could crash this process with SIGBUS when "
+                              f"memory runs short: {fix}")
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return              # a filesystem without fallocate: nothing to reserve with
+        d = os.path.dirname(os.path.abspath(path))
+        raise FormatError(f"{what} and its space cannot be reserved: {os.strerror(e.errno)}; "
+                          f"free space in {d}, or copy the table again with "
+                          "`cp --sparse=never`") from None
 
 
 def same_file(path: str, inode: tuple[int, int]) -> bool:

@@ -23,22 +23,23 @@ import contextlib
 import os
 import secrets
 import struct
+import threading
 import time
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from . import probe
-from .errors import (BatchKeyError, NpcallsError, ReadOnlyError, TableClosedError,
-                     TableFullError, TableRemovedError)
+from .errors import (BatchKeyError, FormatError, NpcallsError, ReadOnlyError, TableClosedError,
+                     TableFullError, TableNotFoundError, TableRemovedError)
 from . import maintenance
 from .batching import group_sorted
 from .crashpoints import crashpoint
 from .hashing import tags_of
 from .keys import encode_key, encode_keys
-from .layout import (DEFAULT_MAX_LOAD, FLAG_AUTO_GROW, NOT_SET, STATE_LIVE,
+from .layout import (DEFAULT_MAX_LOAD, FLAG_AUTO_GROW, LOCK_INO_OFFSET, NOT_SET, STATE_LIVE,
                      STATE_REMOVED, STATE_RETIRED, TOMBSTONE, W, make_geometry, snapshot_dtype)
-from .locking import _LOCK_EX, _LOCK_UN, WriterLock, _lockf, lock_holder
+from .locking import _BUSY, _LOCK_EX_NB, _LOCK_UN, WriterLock, _lock_waiting, _lockf, lock_holder
 from .storage import (Mapping, build_temp, link_into_place, open_mapping, remove_files, resolve,
                       same_file, stale_temp_files)
 from .timestamps import to_ns, to_ns_array
@@ -55,6 +56,9 @@ _TAGS8 = struct.Struct("<8Q")
 _I64_MAX = (1 << 63) - 1
 _W_STATE, _W_WSEQ, _W_COUNT, _W_TOMB = W["state"], W["wseq"], W["count"], W["tombstones"]
 _W_NSTART, _W_NSTOP, _W_NREM = W["n_started"], W["n_stopped"], W["n_removed"]
+_W_LOCK = W["lock_ino"]
+_WSEQ_WRAP = 1 << 63        # a writer sequence this high is renumbered (see _renumber_locked)
+_SLOW = 1 | _WSEQ_WRAP      # wseq bits that send a write to the general path
 
 
 class Stats(NamedTuple):
@@ -122,15 +126,25 @@ class CallTable:
         self._path = mapping.path
         self._lock_path = lock_path
         self._readonly = readonly
-        self._lock = None if readonly else WriterLock(lock_path, maintenance.file_mode(mapping.fd))
-        self._lockfile = None if readonly else self._lock._lf
         self._closed = False
+        # Serialises switching this handle to a rebuilt file between its threads.
+        self._swap = threading.RLock()
+        if readonly:
+            self._lock = None
+        else:
+            st = os.fstat(mapping.fd)
+            self._lock = WriterLock(lock_path, st.st_mode & 0o7777, owner=(st.st_uid, st.st_gid))
+        self._lockfile = None if readonly else self._lock._lf
         self._set_geometry(mapping)
         self.last_rounds = 0
         """Probe rounds the last batch operation of this object took."""
 
     def _set_geometry(self, m: Mapping) -> None:
         g = m.geometry
+        # Limits before the tuple: a thread that already sees the new mapping
+        # in _fast must not use the old file's (smaller) limits with it.
+        self._limit = g.limit
+        self._tomb_limit = probe.tomb_limit(g)
         self._g = g
         self._kw = g.key_width
         self._kf = g.key_field
@@ -142,8 +156,17 @@ class CallTable:
         self._fast = (m.mm, m.mv, m.q, m.qi, g.nbuckets, g.tags_offset, g.rows_offset,
                       g.row_size, self._row.unpack_from, self._row.pack_into, g.key_width,
                       g.key_field, g.seed)
-        self._limit = g.limit
-        self._tomb_limit = probe.tomb_limit(g)
+
+    def _install(self, m: Mapping) -> None:
+        """Switch this handle to ``m`` (a rebuilt file).
+
+        The old mapping is not closed: another thread of this process may be
+        in the middle of reading it (a batch finishes on the mapping it
+        started on).  It is unmapped when the last reference to it goes.
+        """
+        with self._swap:
+            self._m = m
+            self._set_geometry(m)
 
     @classmethod
     def create(cls, name_or_path: str | os.PathLike, capacity: int, key_width: int = 64,
@@ -183,13 +206,16 @@ class CallTable:
         path, lock_path = resolve(name_or_path)
         if seed is None:
             seed = secrets.randbits(64)
+        _sweep_temps(path)
         g = make_geometry(capacity, key_width, seed, max_load, time.time_ns(),
                           FLAG_AUTO_GROW if auto_grow else 0)
         tmp = build_temp(path, g, mode)
+        crashpoint("create-built")
         # The lock file exists before the table does, so that no writer can ever
         # see a table without its lock.  A refused create leaves nothing behind.
         try:
             lock = WriterLock(lock_path, mode)
+            _stamp_lock(tmp, lock.inode)
         except BaseException:
             os.unlink(tmp)
             raise
@@ -226,6 +252,8 @@ class CallTable:
         """
         path, lock_path = resolve(name_or_path)
         m = open_mapping(path, readonly)
+        if not readonly:
+            _sweep_temps(path)
         try:
             return cls(m, lock_path, readonly)
         except BaseException:
@@ -261,10 +289,27 @@ class CallTable:
             m = open_mapping(path, readonly=False)
         except NpcallsError:
             return remove_files(path, lock_path)  # not a usable table: just remove the files
-        lock = WriterLock(lock_path)
+        try:
+            st = os.fstat(m.fd)
+            lock = WriterLock(lock_path, st.st_mode & 0o7777, owner=(st.st_uid, st.st_gid))
+        except BaseException:
+            m.close()
+            raise
         try:
             lock.acquire()
             try:
+                # Act on the file the path names now, with the lock that its
+                # writers take: a rebuild may have replaced the file while we
+                # waited, and the lock file may have moved.
+                while True:
+                    m.close()
+                    try:
+                        m = open_mapping(path, readonly=False)
+                    except TableNotFoundError:
+                        return remove_files(path, lock_path)
+                    if m.q[_W_LOCK] == lock.inode:
+                        break
+                    lock.settle(m.q, _W_LOCK)
                 m.q[_W_STATE] = STATE_REMOVED
                 return remove_files(path, lock_path)
             finally:
@@ -368,33 +413,40 @@ class CallTable:
             raise TableClosedError(f"table {self._path} is closed")
         m = self._m
         if m.q[_W_STATE]:
-            m = self._follow(locked=False)
+            m = self._follow()
         return m
 
-    def _follow(self, locked: bool) -> Mapping:
-        m = self._m
-        state = m.q[_W_STATE]
-        if state == STATE_REMOVED:
-            raise TableRemovedError(f"table {self._path} was removed (unlinked)")
-        if state != STATE_RETIRED:
-            from .errors import FormatError
-            raise FormatError(f"{self._path}: unknown table state {int(state)} in the header "
-                              "(corrupt?)")
-        if same_file(self._path, m.inode):
-            # Retired, but the rebuilt file never replaced it: its builder died
-            # between the two steps.  The old file is still the table.
-            if locked:
-                m.q[_W_STATE] = STATE_LIVE
-            return m
-        new = open_mapping(self._path, self._readonly)
-        if new.geometry.key_width != self._kw:
-            new.close()
-            raise NpcallsError(f"table {self._path} was replaced by an unrelated table")
-        old = self._m
-        self._m = new
-        self._set_geometry(new)
-        old.close()
-        return new if not new.q[_W_STATE] else self._follow(locked)
+    def _follow(self) -> Mapping:
+        """Follow a rebuild, or raise TableRemovedError; returns the mapping to use.
+
+        A file marked retired that is still the one at the path (its
+        rebuilder died between retiring it and renaming the new file over it)
+        is returned as it is: it still holds the table, readers answer from
+        it, and the next writer revives it (:meth:`_begin_locked`).
+        """
+        while True:
+            with self._swap:
+                m = self._m
+                state = m.q[_W_STATE]
+                if not state:
+                    return m                # another thread followed already
+                if state == STATE_REMOVED:
+                    raise TableRemovedError(f"table {self._path} was removed (unlinked)")
+                if state != STATE_RETIRED:
+                    raise FormatError(f"{self._path}: unknown table state {int(state)} in the "
+                                      "header (corrupt?)")
+                if same_file(self._path, m.inode):
+                    return m
+                try:
+                    new = open_mapping(self._path, self._readonly)
+                except TableNotFoundError:
+                    raise TableRemovedError(f"table {self._path} was removed (unlinked)") from None
+                g, ng = m.geometry, new.geometry
+                if (ng.seed, ng.created_ns, ng.key_width) != (g.seed, g.created_ns, g.key_width):
+                    new.close()
+                    raise TableRemovedError(f"table {self._path} was removed; the table now at "
+                                            "that path is another one (open it again)")
+                self._install(new)
 
     # ------------------------------------------------------------------ writing
 
@@ -421,15 +473,48 @@ class CallTable:
         return self._lock
 
     def _begin_locked(self) -> tuple[Mapping, int]:
-        """With the lock held: follow rebuilds, recover a crashed writer; return (mapping, wseq)."""
-        m = self._m
-        if m.q[_W_STATE]:
-            m = self._follow(locked=True)
+        """With the lock held: follow rebuilds, make sure the lock is the table's lock
+        (the lock file may have been removed or replaced), revive a retired file that
+        nothing replaced, recover a crashed writer; return (mapping, wseq)."""
+        m = self._settled_locked()
+        if m.q[_W_STATE] == STATE_RETIRED:
+            m.q[_W_STATE] = STATE_LIVE  # its rebuilder died before the rename: still the table
         w = m.q[_W_WSEQ]
-        if w & 1:
-            self._recover_locked(m)
+        if w & _SLOW:
+            if w >= _WSEQ_WRAP:
+                self._renumber_locked(m)
+            else:
+                self._recover_locked(m)
             w = m.q[_W_WSEQ]
         return m, w
+
+    def _settled_locked(self) -> Mapping:
+        """With the lock held: the mapping to write, once our lock is the table's lock."""
+        lock = self._lock
+        while True:
+            m = self._m
+            if m.q[_W_STATE]:
+                m = self._follow()
+            if m.q[_W_LOCK] == lock._lf.ino:
+                return m
+            lock.settle(m.q, _W_LOCK)   # may have waited: look at the path again
+
+    def _renumber_locked(self, m: Mapping) -> None:
+        """Start the writer sequence again from 2 (it passed 2**63: a corrupt or hostile header).
+
+        Row versions go to 0 first (even and not above any writer sequence,
+        so every reader accepts them), then the sequence; a crashed writer's
+        leftovers are recovered on the way (odd rows made even, counts
+        recomputed).
+        """
+        crashed = bool(m.q[_W_WSEQ] & 1)
+        m.seqcol[:] = 0
+        tags = m.tags
+        m.q[_W_COUNT] = int(np.count_nonzero(tags >= 2))
+        m.q[_W_TOMB] = int(np.count_nonzero(tags == TOMBSTONE))
+        if crashed:
+            m.q[W["n_recoveries"]] += 1
+        m.q[_W_WSEQ] = 2
 
     def _recover_locked(self, m: Mapping) -> None:
         """Repair what a writer killed mid-operation can leave: odd rows and stale counts.
@@ -482,13 +567,20 @@ class CallTable:
         if count + needed > g.limit:
             if not g.auto_grow:
                 raise TableFullError(count, needed, g.capacity, g.limit, self._path)
+            refusal = maintenance.rebuild_refusal(self._path, m)
+            if refusal:
+                raise NpcallsError(f"table {self._path} is full and cannot grow automatically: "
+                                   f"{refusal}")
             new_cap = g.capacity
             while (count + needed) > new_cap * g.max_load_ppm // 1_000_000:
                 new_cap *= 2
             self._rebuild_locked(m, new_cap)
-        elif count + tomb + needed > (g.limit + g.capacity) // 2 or tomb > probe.tomb_limit(g):
+        elif ((count + tomb + needed > (g.limit + g.capacity) // 2 or tomb > probe.tomb_limit(g))
+              and maintenance.rebuild_refusal(self._path, m) is None):
             # Tombstones (only ever left in buckets that were once full) lengthen
             # the walks of lookups for absent keys; rebuild before they matter.
+            # A writer that may not rebuild the file (another user's, see
+            # rebuild_refusal) leaves that to its owner and inserts into a free slot.
             self._rebuild_locked(m, g.capacity)
         else:
             return m, int(q[_W_WSEQ])
@@ -528,10 +620,15 @@ class CallTable:
         rl.acquire()
         try:
             if lf.depth == 0:
-                _lockf(lf.fd, _LOCK_EX)
+                try:
+                    _lockf(lf.fd, _LOCK_EX_NB)
+                except OSError as e:
+                    if e.errno not in _BUSY:
+                        raise
+                    _lock_waiting(lf)
             lf.depth += 1
             try:
-                if q[_W_STATE] or q[_W_WSEQ] & 1:
+                if q[_W_STATE] or q[_W_WSEQ] & _SLOW or q[_W_LOCK] != lf.ino:
                     return self._write_one_locked(field, tag, ts, col, insert)
                 b = ((tag >> 32) * nb) >> 32
                 free = -1
@@ -694,9 +791,8 @@ class CallTable:
         tag = _xxh(field, seed)
         if tag < 2:
             tag += 2
-        if q[_W_STATE]:
-            self._live_mapping()
-            return self.get(call_id)
+        if q[_W_STATE] and self._live_mapping().q is not q:
+            return self.get(call_id)            # followed a rebuild: read the new file
         b = ((tag >> 32) * nb) >> 32
         left = nb
         while True:
@@ -1077,7 +1173,7 @@ class CallTable:
     def stats(self) -> Stats:
         """Counts, load and probe lengths (a pass over the table; takes no lock)."""
         m = self._live_mapping()
-        g = self._g
+        g = m.geometry
         q = m.q
         pl = probe.probe_lengths(m)
         snap_start = m.rowq[:, 1].view(np.int64)
@@ -1176,7 +1272,8 @@ class CallTable:
             if len(slots):
                 self._remove_slots_locked(m, w, slots)
                 crashpoint("expire-removed")
-                if int(m.q[_W_TOMB]) > probe.tomb_limit(self._g):
+                if (int(m.q[_W_TOMB]) > probe.tomb_limit(self._g)
+                        and maintenance.rebuild_refusal(self._path, m) is None):
                     self._rebuild_locked(m, self._g.capacity)
         return out if return_rows else len(slots)
 
@@ -1219,10 +1316,39 @@ class CallTable:
                 if repair:
                     m.q[_W_STATE] = STATE_LIVE
                     repaired.append("reset the header state to live")
-            elif state:
-                m = self._follow(locked=True)
+            else:
+                m = self._settled_locked()
+                if repair and m.q[_W_STATE] == STATE_RETIRED:
+                    m.q[_W_STATE] = STATE_LIVE
+                    repaired.append("made the table file live again (it was marked retired by "
+                                    "a rebuild that died before replacing it)")
+            w = int(m.q[_W_WSEQ])
+            if w >= _WSEQ_WRAP:
+                notes.append(f"the writer sequence {w} is past 2**63 (a corrupt header); the "
+                             "next writer renumbers it")
+                if repair:
+                    self._renumber_locked(m)
+                    repaired.append("renumbered the writer sequence and row versions")
             return maintenance.check_locked(self, m, notes, problems, repaired, repair)
 
+
+
+def _sweep_temps(path: str) -> None:
+    """Remove temporary files that dead creators or rebuilders left beside ``path``."""
+    for p in stale_temp_files(path):
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+
+
+def _stamp_lock(tmp: str, ino: int) -> None:
+    """Record the lock file's inode in a new table's header (docs/format.md, "Writing")."""
+    fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, struct.pack("<Q", ino), LOCK_INO_OFFSET)
+    finally:
+        os.close(fd)
 
 
 class _ClosedWords:
