@@ -73,10 +73,11 @@ def _key(path: str) -> str:
 
 
 def _after_fork_in_child() -> None:
-    global _registry_guard, _watch_lock, _watch_thread
+    global _registry_guard, _watch_lock, _watch_thread, _watch_pid
     _registry_guard = threading.Lock()
     _watch_lock = threading.Lock()
     _watch_thread = None
+    _watch_pid = os.getpid()
     _waiters.clear()
     for lf in _registry.values():
         lf.rlock = threading.RLock()
@@ -163,6 +164,7 @@ def open_lock_file(path: str, mode: int, create: bool,
 _waiters: dict[int, list] = {}          # id(entry) -> [lock file, since, reported?]
 _watch_lock = threading.Lock()
 _watch_thread: threading.Thread | None = None
+_watch_pid = os.getpid()
 
 
 def _lock_waiting(lf: _LockFile) -> None:
@@ -171,7 +173,12 @@ def _lock_waiting(lf: _LockFile) -> None:
     Only reached when a non-blocking attempt found the lock taken, so the
     uncontended path costs one system call as before.
     """
-    global _watch_thread
+    global _watch_thread, _watch_lock, _watch_pid
+    if _watch_pid != os.getpid():
+        # forked by C code (a Kamailio worker) that ran no at-fork handler: the
+        # watchdog thread did not come along, and its lock may look held
+        _watch_lock, _watch_thread, _watch_pid = threading.Lock(), None, os.getpid()
+        _waiters.clear()
     entry = [lf, time.monotonic(), False]
     with _watch_lock:
         _waiters[id(entry)] = entry

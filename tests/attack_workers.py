@@ -64,10 +64,25 @@ def hold_lock(path: str, seconds: float, ready: str) -> dict:
     return {"pid": os.getpid()}
 
 
-def attached_writer(path: str, ready: str, go: str, done: str) -> dict:
-    """Attach, write, say ready; on go, write once more: report what happened."""
+def hold_grow_hold(path: str, held: str, grow_now: str, grown: str, release: str,
+                   capacity: int) -> dict:
+    """Hold the lock; on cue grow the table (still holding it); release on cue."""
     t = CallTable.open(path)
-    t.start("before", 1)
+    with t.locked():
+        _touch(held)
+        _wait(grow_now)
+        t.grow(capacity)
+        _touch(grown)
+        _wait(release)
+    t.close()
+    return {"grown": capacity}
+
+
+def attached_writer(path: str, ready: str, go: str, done: str, pre_write: bool = True) -> dict:
+    """Attach (and write), say ready; on go, write and read: report what happened."""
+    t = CallTable.open(path)
+    if pre_write:
+        t.start("before", 1)
     _touch(ready)
     _wait(go)
     out: dict = {}

@@ -20,14 +20,13 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 import pytest
 
 import npcalls
-from npcalls import CallTable, FormatError, NpcallsError
+from npcalls import CallTable, NpcallsError
 from npcalls.layout import STATE_LIVE, STATE_RETIRED, W
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -202,67 +201,45 @@ def _process_has_open(pid: int, path: str) -> bool:
 
 
 def test_unlink_racing_a_grow_reaches_every_attached_process(tmp_path):
-    """unlink opens the old file, waits for the lock while a grow renames a new one in place."""
+    """unlink opens the table and waits for the lock; meanwhile the lock holder grows
+    the table (a new file renamed over the path) and a process attaches to the new
+    file.  When unlink gets the lock it must remove the table the path names now:
+    the process on the new file, and one on the old file, learn that the table is
+    gone, also after a new table was created at the same path."""
     path = str(tmp_path / "race.npcalls")
     CallTable.create(path, 64).close()
-    holder = spawn("hold_lock", path=path, seconds=3.0, ready=str(tmp_path / "held"))
-    wait_file(str(tmp_path / "held"))
+    old = CallTable.open(path)              # attached to the file the grow retires
+    old.start("old-handle", 1)
+    f = {k: str(tmp_path / k) for k in ("held", "grow-now", "grown", "release",
+                                        "att-ready", "att-go", "att-done")}
+    holder = spawn("hold_grow_hold", path=path, held=f["held"], grow_now=f["grow-now"],
+                   grown=f["grown"], release=f["release"], capacity=1024)
+    wait_file(f["held"])
     un = spawn("unlink", path=path)
-    deadline = time.monotonic() + 30
-    while not _process_has_open(un.pid, path):       # unlink has the old file open ...
+    deadline = time.monotonic() + 60
+    while not _process_has_open(un.pid, path):       # unlink has the old file open
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    grower = spawn("grow", path=path, capacity=1024)  # ... and a grow queues behind the holder
-    result(holder)
-    # Whichever of unlink and grow got the lock first, processes attached to
-    # the file now at the path (if any) must learn that the table is gone.
-    rg, ru = result(grower), result(un)
-    assert ru == {"existed": True}
-    if "error" in rg:
-        assert rg["error"] in ("TableRemovedError", "TableNotFoundError"), rg
-    assert not os.path.exists(path)
-    assert not os.path.exists(path + ".lock")
-
-
-def test_unlink_after_grow_tells_processes_on_the_new_file(tmp_path):
-    """A process attached after a grow (to the new file) is told when the table is unlinked,
-    also when a new table was created at the same path meanwhile."""
-    path = str(tmp_path / "race2.npcalls")
-    CallTable.create(path, 64).close()
-    old = CallTable.open(path)            # attached to the file the grow will retire
-    holder = spawn("hold_lock", path=path, seconds=2.0, ready=str(tmp_path / "held"))
-    wait_file(str(tmp_path / "held"))
-    un = spawn("unlink", path=path)
-    deadline = time.monotonic() + 30
-    while not _process_has_open(un.pid, path):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    # While unlink waits with the old file open, the holder is still inside:
-    # grow from this process queues after it, before unlink (FIFO is not
-    # guaranteed, so both orders are checked below).
-    t = CallTable.open(path)
-    result(holder)
-    try:
-        t.grow(1024)
-        grown = True
-    except npcalls.TableRemovedError:
-        grown = False
-    attached = spawn("attached_writer", path=path, ready=str(tmp_path / "att-ready"),
-                     go=str(tmp_path / "att-go"), done=str(tmp_path / "att-done")) if grown else None
+    time.sleep(0.2)                                   # ... and is waiting for the lock
+    open(f["grow-now"], "w").close()
+    wait_file(f["grown"])
+    attached = spawn("attached_writer", path=path, ready=f["att-ready"], go=f["att-go"],
+                     done=f["att-done"], pre_write=False)   # attaches to the new file
+    wait_file(f["att-ready"])
+    open(f["release"], "w").close()
+    assert result(holder) == {"grown": 1024}
     assert result(un) == {"existed": True}
-    CallTable.create(path, 64).close()       # re-created at the same path
-    if attached is not None:
-        open(str(tmp_path / "att-go"), "w").close()
-        r = result(attached)
-        # attached after the grow: either it never saw the new file (the path was
-        # already gone) or it must now be told the table was removed
-        assert r.get("start_error") in ("TableRemovedError", "TableNotFoundError"), r
-    for h in (t, old):
-        with pytest.raises(npcalls.TableRemovedError):
-            h.start("lost-write", 3)
-        with pytest.raises(npcalls.TableRemovedError):
-            h.get("x")
-        h.close()
+    assert not os.path.exists(path) and not os.path.exists(path + ".lock")
+    CallTable.create(path, 64).close()                # a new table at the same path
+    open(f["att-go"], "w").close()
+    r = result(attached)
+    assert r.get("start_error") == "TableRemovedError", r
+    assert r.get("get_error") == "TableRemovedError", r
+    with pytest.raises(npcalls.TableRemovedError):
+        old.start("lost-write", 3)
+    with pytest.raises(npcalls.TableRemovedError):
+        old.get("old-handle")
+    old.close()
     fresh = CallTable.open(path)
     assert len(fresh) == 0 and fresh.get("lost-write") is None
     fresh.close()
