@@ -48,6 +48,41 @@ def batch_writer(path: str, prefix: str, n: int, batch: int, ready: str, go: str
     return {"acked": acked}
 
 
+def forking_writer(path: str, prefix: str, n: int, batch: int, ready: str, go: str,
+                   kids: int) -> dict:
+    """Open, say ready, wait for go, fork ``kids`` children that write with the inherited
+    handle, write too; every process n disjoint keys in batches."""
+    t = CallTable.open(path)
+    _touch(ready)
+    _wait(go)
+    pids = []
+    for k in range(kids):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                got = _write_batches(t, f"{prefix}{k + 1}", n, batch)
+                code = 0 if got == n else 3
+            except BaseException:       # noqa: BLE001 - reported through the exit status
+                code = 4
+            os._exit(code)
+        pids.append(pid)
+    acked = _write_batches(t, f"{prefix}0", n, batch)
+    codes = [os.waitpid(p, 0)[1] for p in pids]
+    t.close()
+    return {"acked": acked, "children": codes}
+
+
+def _write_batches(t: CallTable, prefix: str, n: int, batch: int) -> int:
+    acked = 0
+    for lo in range(0, n, batch):
+        keys = np.array([f"{prefix}-{i}".encode() for i in range(lo, min(n, lo + batch))])
+        ts = np.arange(lo, lo + len(keys), dtype=np.int64) + 1
+        acked += int(t.start_many(keys, ts).sum())
+        t.stop_many(keys, ts + 1)
+    return acked
+
+
 def open_and_start(path: str, key: str = "k") -> dict:
     t = CallTable.open(path)
     ok = t.start(key, 1)

@@ -152,6 +152,32 @@ def test_lock_file_removed_under_writers_never_lets_two_in(tmp_path, when):
     t.close()
 
 
+def test_lock_file_removed_under_forked_writers(tmp_path):
+    """Forked children writing through the handle they inherited (opened before the lock
+    file was removed) and a separate program that re-creates the lock file."""
+    path = str(tmp_path / "lockfork.npcalls")
+    n, batch = 60_000, 5_000
+    CallTable.create(path, int(4 * n / 0.7)).close()
+    go = str(tmp_path / "go")
+    forker = spawn("forking_writer", path=path, prefix="f", n=n, batch=batch,
+                   ready=str(tmp_path / "f-ready"), go=go, kids=2)
+    wait_file(str(tmp_path / "f-ready"))
+    os.unlink(path + ".lock")
+    other = spawn("batch_writer", path=path, prefix="s", n=n, batch=batch,
+                  ready=str(tmp_path / "s-ready"), go=go)
+    wait_file(str(tmp_path / "s-ready"))
+    open(go, "w").close()
+    rf, rs = result(forker), result(other)
+    assert rf == {"acked": n, "children": [0, 0]} and rs == {"acked": n}
+    t = CallTable.open(path)
+    keys = [f"f{k}-{j}" for k in range(3) for j in range(n)] + [f"s-{j}" for j in range(n)]
+    got = t.get_many(keys)
+    assert int(got.found.sum()) == 4 * n and (got.end == got.start + 1).all()
+    rep = t.check()
+    assert rep.ok, rep
+    t.close()
+
+
 def _plant(lock: str, kind: str) -> None:
     os.unlink(lock)
     if kind == "directory":
