@@ -485,6 +485,51 @@ def test_threads_share_one_handle_while_another_process_grows(tmp_path):
     t.close()
 
 
+def test_threads_share_one_auto_grow_handle_that_grows_itself(tmp_path):
+    """Two writer threads on one auto-grow handle (it doubles many times under them)
+    and two reader threads on the same handle: no exception, every write present."""
+    import threading
+    path = str(tmp_path / "selfgrow.npcalls")
+    t = CallTable.create(path, 64, auto_grow=True)
+    errors: list[str] = []
+    n = 20_000
+
+    def writer(i: int) -> None:
+        try:
+            for j in range(n):
+                if not t.start(f"t{i}-{j}", j + 1):
+                    errors.append(f"writer {i}: start of a new key returned False")
+                    return
+                if j % 500 == 0:
+                    t.start_many([f"b{i}-{j}-{k}" for k in range(100)], 7)
+        except Exception as e:  # noqa: BLE001 - the test asserts there are none
+            errors.append(f"writer {i}: {type(e).__name__}: {e}")
+
+    def reader(i: int) -> None:
+        try:
+            for j in range(400):
+                t.get_many([f"t0-{k}" for k in range(0, n, 97)])
+                t.get(f"t1-{j}")
+                if j % 50 == 0:
+                    t.snapshot()
+                    len(t)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"reader {i}: {type(e).__name__}: {e}")
+
+    ths = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    ths += [threading.Thread(target=reader, args=(i,)) for i in range(2)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    assert errors == []
+    assert t.stats().generation >= 8                    # it grew under the threads
+    keys = [f"t{i}-{j}" for i in range(2) for j in range(n)]
+    assert t.get_many(keys).found.all()
+    assert t.check().ok
+    t.close()
+
+
 # ----------------------------------------------------------------------------- smaller ones
 
 @needs_root
