@@ -68,7 +68,7 @@ DYNAMIC_FIELDS = (
 W = {name: (DYNAMIC_OFFSET + 8 * i) // 8 for i, name in enumerate(DYNAMIC_FIELDS)}
 """Index of each dynamic header word in a uint64 view of the mapping."""
 
-LOCK_INO_OFFSET = 320
+LOCK_INO_OFFSET = 512
 """u64: inode number of the lock file the table's writers lock (0: not yet recorded).
 
 On a cache line of its own, apart from the words above: writers read it on
