@@ -22,7 +22,8 @@ from .batching import bucket_order, group_sorted
 from .crashpoints import crashpoint
 from .hashing import tags_of
 from .keys import encode_keys
-from .layout import NOT_SET, STATE_REMOVED, STATE_RETIRED, TOMBSTONE, W, make_geometry
+from .layout import (DURATION_WORDS, NOT_SET, STATE_REMOVED, STATE_RETIRED, TOMBSTONE, W,
+                     make_geometry)
 from .storage import Mapping, build_temp, open_mapping, stale_temp_files
 
 __all__ = ["CheckReport", "rebuild_locked", "check_locked", "sanitize_rows", "file_mode"]
@@ -123,7 +124,7 @@ def rebuild_locked(t: Any, m: Mapping, capacity: int, rehash: bool = False) -> l
         new = open_mapping(tmp, readonly=False)
         try:
             probe.place(new, tags[order], fields, order, starts[order], ends[order], 1)
-            for name in ("n_started", "n_stopped", "n_removed", "n_recoveries"):
+            for name in ("n_started", "n_stopped", "n_removed", "n_recoveries") + DURATION_WORDS:
                 new.q[W[name]] = m.q[W[name]]
             new.q[W["n_rebuilds"]] = m.q[W["n_rebuilds"]] + 1
             new.q[_W_COUNT] = len(tags)
