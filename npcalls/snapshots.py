@@ -126,6 +126,7 @@ def write_snapshot(table: Any, root: str, *, host: str | None = None, name: str 
     host = host or socket.gethostname()
     name = name or table_label(table.path)
     when = time.time_ns() if now_ns is None else int(now_ns)
+    when -= when % 1000         # to the µs, like the time in the file's name
     path = snapshot_path(root, host, name, when)
     d = os.path.dirname(path)
     os.makedirs(d, exist_ok=True)
