@@ -188,7 +188,7 @@ def _events(part: Any, d0: int, d1: int) -> Any:
 
 
 def dask_queries(root: str, day: str | _dt.date, client: Any = None, *,
-                 shuffle: str = "tasks") -> FleetAnswers:
+                 shuffle: str = "tasks", partition_bytes: int = 64 << 20) -> FleetAnswers:
     """Answer the fleet queries with Dask (on ``client``'s cluster, or the current one).
 
     The same code runs on a ``distributed.LocalCluster`` and on a real
@@ -206,6 +206,15 @@ def dask_queries(root: str, day: str | _dt.date, client: Any = None, *,
     d0, d1 = day_bounds(day)
     cols = ["host", "table", "call_id", "state", "start", "end", "snapshot_time"]
     raw = dd.read_parquet(snapshot_glob(root), columns=cols)
+    # A snapshot file is small (one table at one instant) and there are many
+    # of them: one partition per file would make thousands of tiny tasks.
+    # Group them into partitions of about `partition_bytes` of Parquet.
+    import fsspec
+    fs, _, paths = fsspec.core.get_fs_token_paths(snapshot_glob(root))
+    total = sum(fs.sizes(paths)) if paths else 0
+    want = max(1, min(raw.npartitions, -(-total // partition_bytes)))
+    if want < raw.npartitions:
+        raw = raw.repartition(npartitions=want)
     meta = {"host": object, "table": object, "call_id": object, "state": object,
             "start": np.int64, "end": np.int64, "snapshot_time": np.int64}
     snaps = raw.map_partitions(_as_ns, meta=meta)

@@ -277,3 +277,16 @@ def test_export_cli_missing_table_is_an_error_once_and_retried_as_a_service(tdir
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(60) == 0
+
+
+def test_fleet_example_runs_and_both_engines_agree(tmp_path):
+    ex = os.path.join(os.path.dirname(__file__), "..", "examples", "fleet", "fleet_example.py")
+    r = subprocess.run([sys.executable, ex, "--hours", "0.5", "--out", str(tmp_path / "s")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "DuckDB and Dask agree on all four answers" in r.stdout
+    m = re.search(r"3 hosts, ([\d,]+) calls .* ([\d,]+) rows", r.stdout)
+    calls, rows = int(m[1].replace(",", "")), int(m[2].replace(",", ""))
+    assert calls > 5000 and rows > calls        # calls appear in several snapshots
+    m = re.search(r"latest row per call: ([\d,]+) calls", r.stdout)
+    assert int(m[1].replace(",", "")) == calls  # every call was caught by some snapshot
