@@ -183,3 +183,61 @@ def test_cli_exporter_port_in_use_is_a_one_line_error(make_table):
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(30)
+
+
+def test_importing_the_ops_modules_imports_no_heavy_dependency():
+    code = ("import sys, npcalls, npcalls.exporter, npcalls.snapshots, npcalls.fleet, "
+            "npcalls.cli.ops_cmds\n"
+            "from npcalls.cli import build_parser; build_parser()\n"
+            "bad = [m for m in ('prometheus_client', 'pyarrow', 'pandas', 'dask', 'distributed',"
+            " 'duckdb') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("verb, module, extra", [
+    ("exporter", "prometheus_client", "npcalls[exporter]"),
+    ("export", "pyarrow", "npcalls[fleet]"),
+])
+def test_a_verb_whose_extra_is_missing_says_so_in_one_line(make_table, tmp_path, verb, module,
+                                                           extra):
+    t = make_table(64)
+    code = (f"import sys\nsys.modules[{module!r}] = None\n"
+            "from npcalls.cli import main\n"
+            f"sys.exit(main([{verb!r}, {t.path!r}, '--to' if {verb!r} == 'export' else "
+            f"'--listen', {str(tmp_path)!r} if {verb!r} == 'export' else '127.0.0.1:0']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert extra in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _hold_lock(path: str, ready, release) -> None:
+    t = npcalls.CallTable.open(path)
+    with t.locked():
+        ready.set()
+        release.wait(60)
+    t.close()
+
+
+def test_a_scrape_takes_no_lock_while_a_writer_holds_it(make_table):
+    import multiprocessing as mp
+    t = make_table(1024)
+    t.start("a", time.time_ns())
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_hold_lock, args=(t.path, ready, release))
+    p.start()
+    srv = serve([t.path], "127.0.0.1:0", host="h1")
+    try:
+        assert ready.wait(60)
+        t0 = time.monotonic()
+        m = scrape(srv.url)                     # would block if the scrape took the lock
+        assert time.monotonic() - t0 < 10
+        assert val(m, "npcalls_active_calls", lab(t.path)) == 1
+        assert p.is_alive()                     # the writer still holds the lock
+    finally:
+        release.set()
+        p.join(60)
+        srv.close()
+    assert p.exitcode == 0
