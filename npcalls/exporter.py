@@ -131,10 +131,9 @@ class TableCollector:
 
     def collect(self) -> Iterator[Any]:
         """Read every table once and yield the metric families (one scrape)."""
-        pc = _prometheus()
+        _prometheus()                   # a clear ImportError if the extra is missing
         from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                             HistogramMetricFamily)
-        del pc
         lab = ["host", "table"]
 
         def g(name: str, doc: str, unit: str = "") -> Any:

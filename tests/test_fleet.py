@@ -290,3 +290,28 @@ def test_fleet_example_runs_and_both_engines_agree(tmp_path):
     assert calls > 5000 and rows > calls        # calls appear in several snapshots
     m = re.search(r"latest row per call: ([\d,]+) calls", r.stdout)
     assert int(m[1].replace(",", "")) == calls  # every call was caught by some snapshot
+
+
+def test_sigterm_at_random_instants_never_leaves_a_partial_or_temporary_file(tdir, tmp_path):
+    t = npcalls.CallTable.create("big", capacity=1 << 18)
+    try:
+        now = time.time_ns()
+        t.start_many([f"c{i}" for i in range(60_000)], np.full(60_000, now - 60 * S))
+        rng = np.random.default_rng(5)
+        root = str(tmp_path / "s")
+        for run in range(3):
+            p = subprocess.Popen([sys.executable, "-m", "npcalls", "export", "big", "--to", root,
+                                  "--every", "0.2s", "--host", "h"],
+                                 stderr=subprocess.PIPE, text=True)
+            assert PATH_RE.search(p.stderr.readline())     # at least one snapshot is done
+            time.sleep(float(rng.uniform(0, 0.6)))         # then anywhere in a later one
+            p.send_signal(signal.SIGTERM)
+            p.stderr.read()
+            assert p.wait(120) == 0
+        files = [os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs]
+        assert files and not [f for f in files if os.path.basename(f).startswith(".")]
+        for f in files:
+            assert pq.read_metadata(f).num_rows == 60_000
+    finally:
+        t.close()
+        npcalls.CallTable.unlink("big")
