@@ -59,8 +59,6 @@ _W_STATE, _W_WSEQ, _W_COUNT, _W_TOMB = W["state"], W["wseq"], W["count"], W["tom
 _W_NSTART, _W_NSTOP, _W_NREM = W["n_started"], W["n_stopped"], W["n_removed"]
 _W_DURSUM, _W_DUR0 = W["dur_sum_us"], W["dur_bucket_0"]
 _DUR_BOUNDS = np.array(DURATION_BOUNDS_NS, np.int64)
-
-
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
 _DUR0_OFF, _DURSUM_OFF = _W_DUR0 * 8, _W_DURSUM * 8
@@ -74,10 +72,9 @@ def _observe_duration(mv: memoryview, d: int) -> None:
     about half of numpy scalar arithmetic on the header words.
     """
     off = _DUR0_OFF + (_bisect_left(DURATION_BOUNDS_NS, d) << 3)
-    _U64.pack_into(mv, off, (_U64.unpack_from(mv, off)[0] + 1) & 0xFFFFFFFFFFFFFFFF)
+    _U64.pack_into(mv, off, (_U64.unpack_from(mv, off)[0] + 1) & _M64)
     if d > 0:
-        _U64.pack_into(mv, _DURSUM_OFF,
-                       (_U64.unpack_from(mv, _DURSUM_OFF)[0] + d // 1000) & 0xFFFFFFFFFFFFFFFF)
+        _U64.pack_into(mv, _DURSUM_OFF, (_U64.unpack_from(mv, _DURSUM_OFF)[0] + d // 1000) & _M64)
 
 
 def _observe_durations(q: np.ndarray, d: np.ndarray) -> None:
