@@ -1101,6 +1101,36 @@ class CallTable:
         out["key"] = keys if self._kf == self._kw else keys.astype(f"S{self._kw}")
         return out
 
+    def times(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(start, end)`` of every call present, without their keys: snapshot() for monitors.
+
+        The same lock-free protocol and guarantees as :meth:`snapshot` (no
+        torn row, no call twice, every call present for the whole read is
+        there), reading 16 bytes per call instead of the whole row: the
+        Prometheus exporter's one pass per scrape.
+
+        Returns
+        -------
+        (numpy.ndarray, numpy.ndarray)
+            int64 ns, aligned, in no particular order; NOT_SET where unset.
+        """
+        m = self._live_mapping()
+        w1 = m.q[_W_WSEQ]
+        tags = m.tags.copy()
+        live = np.flatnonzero(tags >= 2)
+        start = m.rowq[live, 1]
+        end = m.rowq[live, 2]
+        ok = probe.row_is_stable(m.seqcol[live], w1, None)
+        if not ok.all():
+            # Rows a writer touched meanwhile: re-read them whole (their keys
+            # tell a call that moved from its older copy), as snapshot() does.
+            lu = live[~ok]
+            _, rows = self._reread_rows(m, lu, np.take(m.rowq, lu, axis=0), tags[lu],
+                                        np.arange(len(lu)))
+            start = np.concatenate([start[ok], rows[:, 1]])
+            end = np.concatenate([end[ok], rows[:, 2]])
+        return start.view(np.int64), end.view(np.int64)
+
     def _reread_rows(self, m: Mapping, live: np.ndarray, rows: np.ndarray, tag: np.ndarray,
                      todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Re-read rows a writer touched while a snapshot copied them.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
+import time
 
 import numpy as np
 
@@ -191,3 +192,52 @@ def test_counters_are_cheap_header_reads_on_a_readonly_handle(make_table):
         assert c2.n_rebuilds == 1 and c2.generation == 1
     finally:
         ro.close()
+
+
+def _churn_writer(path: str, stop_ev, started_ev) -> None:
+    t = npcalls.CallTable.open(path)
+    rng = random.Random(1)
+    i = 0
+    started_ev.set()
+    while not stop_ev.is_set():
+        keys = [f"w{(i + j) % 3000}" for j in range(200)]
+        st = np.arange(i, i + 200, dtype=np.int64)
+        t.start_many(keys, st)
+        got = t.get_many(keys)
+        has = got.found & (got.start != NOT_SET)
+        t.stop_many(np.array(keys)[has], got.start[has] + 7)
+        t.remove_many(keys[: rng.randrange(200)])          # calls leave and come back elsewhere
+        i += 200
+    t.close()
+
+
+def test_times_is_consistent_under_a_concurrent_writer_process(make_table):
+    """times(): no torn row, no call twice, every call present throughout is there."""
+    t = make_table(1 << 14)
+    base = 10**12
+    t.record_many([f"base-{j}" for j in range(2000)], np.arange(base, base + 2000),
+                  np.arange(base, base + 2000) + 7)
+    ctx = mp.get_context("spawn")
+    stop_ev, started_ev = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_churn_writer, args=(t.path, stop_ev, started_ev))
+    p.start()
+    try:
+        assert started_ev.wait(60)
+        deadline = time.monotonic() + 3
+        reads = 0
+        while time.monotonic() < deadline:
+            s, e = t.times()
+            ended = e != NOT_SET
+            assert (e[ended] - s[ended] == 7).all()             # never a torn row
+            b = np.sort(s[s >= base])
+            assert (b == np.arange(base, base + 2000)).all()    # each base call exactly once
+            reads += 1
+        assert reads > 5
+    finally:
+        stop_ev.set()
+        p.join(60)
+    assert p.exitcode == 0
+    sn = t.snapshot()
+    s, e = t.times()
+    assert sorted(zip(s.tolist(), e.tolist())) == sorted(zip(sn["start"].tolist(),
+                                                             sn["end"].tolist()))
