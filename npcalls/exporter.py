@@ -5,9 +5,10 @@
 :class:`TableCollector` plugs into any ``prometheus_client`` registry.
 
 Every scrape reads each table lock-free, like any reader: the header's
-counters (:meth:`CallTable.counters`, a few dozen words) and one
-:meth:`CallTable.snapshot` for what only the rows know (active calls, the
-longest one, stuck calls).  Writers are never blocked.
+counters (:meth:`CallTable.counters`, a few dozen words) and one pass over
+the rows' times (:meth:`CallTable.times`, a snapshot without the keys) for
+what only the rows know (active calls, the longest one, stuck calls).
+Writers are never blocked.
 
 Counters come from the table itself, not from the exporter's memory:
 
@@ -171,7 +172,7 @@ class TableCollector:
                 try:
                     t = self._attach(s)
                     cn = t.counters()
-                    snap = t.snapshot()
+                    st, en = t.times()
                 except (NpcallsError, OSError) as e:
                     # Gone, not created yet, or replaced: report and retry at the next scrape.
                     if s.table is not None:
@@ -182,8 +183,7 @@ class TableCollector:
                     continue
                 s.error = ""
                 up.add_metric(lv, 1)
-                st = snap["start"]
-                act = st[(st != NOT_SET) & (snap["end"] == NOT_SET)]
+                act = st[(st != NOT_SET) & (en == NOT_SET)]
                 active.add_metric(lv, len(act))
                 oldest = int(act.min()) if len(act) else now
                 longest.add_metric(lv, max(0, now - oldest) / 1e9)

@@ -1118,9 +1118,9 @@ class CallTable:
         w1 = m.q[_W_WSEQ]
         tags = m.tags.copy()
         live = np.flatnonzero(tags >= 2)
-        start = m.rowq[live, 1]
-        end = m.rowq[live, 2]
-        ok = probe.row_is_stable(m.seqcol[live], w1, None)
+        se = np.take(m.rowq[:, 1:3], live, axis=0)     # one gather: both times of a row
+        start, end = se[:, 0], se[:, 1]
+        ok = probe.row_is_stable(m.seqcol[live], w1, None)   # versions read after the times
         if not ok.all():
             # Rows a writer touched meanwhile: re-read them whole (their keys
             # tell a call that moved from its older copy), as snapshot() does.
