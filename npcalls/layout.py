@@ -64,7 +64,20 @@ DYNAMIC_FIELDS = (
     "n_removed",    # rows ever removed by remove() or expire() (monotonic)
     "n_rebuilds",   # grow/compact rebuilds in this table's lineage
     "n_recoveries",  # crashed writers recovered from
-)
+    "dur_sum_us",   # sum of the durations counted below, in microseconds (wraps at 2**64)
+) + tuple(f"dur_bucket_{i}" for i in range(16))
+"""The duration histogram words (``dur_sum_us`` and 16 ``dur_bucket_*``) were
+added in npcalls 0.2 in space that version 1 files always held as zeros, so the
+format version stays 1: older readers ignore them, and a file written by an
+older npcalls simply has a histogram that starts counting later."""
+
+DURATION_BOUNDS_S = (1, 5, 10, 15, 30, 60, 90, 120, 180, 300, 600, 900, 1800, 3600, 7200)
+"""Upper bounds (seconds, inclusive) of the duration histogram's buckets; the
+16th bucket holds everything longer.  Fixed by the format: writers count each
+call once, in the bucket of ``end - start``, when it first has both times."""
+
+DURATION_BOUNDS_NS = tuple(b * 1_000_000_000 for b in DURATION_BOUNDS_S)
+DURATION_WORDS = ("dur_sum_us",) + tuple(f"dur_bucket_{i}" for i in range(16))
 W = {name: (DYNAMIC_OFFSET + 8 * i) // 8 for i, name in enumerate(DYNAMIC_FIELDS)}
 """Index of each dynamic header word in a uint64 view of the mapping."""
 

@@ -24,8 +24,8 @@ from .crashpoints import crashpoint
 from .hashing import tags_of
 from .keys import encode_keys
 from .errors import NpcallsError
-from .layout import (NOT_SET, STATE_LIVE, STATE_REMOVED, STATE_RETIRED, TOMBSTONE, W,
-                     make_geometry)
+from .layout import (DURATION_WORDS, NOT_SET, STATE_LIVE, STATE_REMOVED, STATE_RETIRED,
+                     TOMBSTONE, W, make_geometry)
 from .storage import Mapping, build_temp, open_mapping, same_file, stale_temp_files
 
 __all__ = ["CheckReport", "rebuild_locked", "rebuild_refusal", "check_locked", "sanitize_rows",
@@ -172,7 +172,8 @@ def rebuild_locked(t: Any, m: Mapping, capacity: int, rehash: bool = False) -> l
         new = open_mapping(tmp, readonly=False)
         try:
             probe.place(new, tags[order], fields, order, starts[order], ends[order], 1)
-            for name in ("n_started", "n_stopped", "n_removed", "n_recoveries", "lock_ino"):
+            for name in ("n_started", "n_stopped", "n_removed", "n_recoveries", "lock_ino",
+                         *DURATION_WORDS):
                 new.q[W[name]] = m.q[W[name]]
             new.q[W["n_rebuilds"]] = m.q[W["n_rebuilds"]] + 1
             new.q[_W_COUNT] = len(tags)

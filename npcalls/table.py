@@ -37,16 +37,18 @@ from .batching import group_sorted
 from .crashpoints import crashpoint
 from .hashing import tags_of
 from .keys import encode_key, encode_keys
-from .layout import (DEFAULT_MAX_LOAD, FLAG_AUTO_GROW, LOCK_INO_OFFSET, NOT_SET, STATE_LIVE,
-                     STATE_REMOVED, STATE_RETIRED, TOMBSTONE, W, make_geometry, snapshot_dtype)
+from .layout import (DEFAULT_MAX_LOAD, DURATION_BOUNDS_NS, DURATION_BOUNDS_S, FLAG_AUTO_GROW,
+                     LOCK_INO_OFFSET, NOT_SET, STATE_LIVE, STATE_REMOVED, STATE_RETIRED, TOMBSTONE,
+                     W, make_geometry, snapshot_dtype)
 from .locking import _BUSY, _LOCK_EX_NB, _LOCK_UN, WriterLock, _lock_waiting, _lockf, lock_holder
 from .storage import (Mapping, build_temp, link_into_place, open_mapping, remove_files, resolve,
                       same_file, stale_temp_files)
 from .timestamps import to_ns, to_ns_array
 
 import xxhash
+from bisect import bisect_left as _bisect_left
 
-__all__ = ["CallTable", "Stats", "GetManyResult", "CheckReport"]
+__all__ = ["CallTable", "Stats", "Counters", "GetManyResult", "CheckReport"]
 
 from .maintenance import CheckReport  # noqa: E402  (re-exported)
 
@@ -59,6 +61,52 @@ _W_NSTART, _W_NSTOP, _W_NREM = W["n_started"], W["n_stopped"], W["n_removed"]
 _W_LOCK = W["lock_ino"]
 _WSEQ_WRAP = 1 << 63        # a writer sequence this high is renumbered (see _renumber_locked)
 _SLOW = 1 | _WSEQ_WRAP      # wseq bits that send a write to the general path
+_W_DURSUM, _W_DUR0 = W["dur_sum_us"], W["dur_bucket_0"]
+_DUR_BOUNDS = np.array(DURATION_BOUNDS_NS, np.int64)
+_U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
+_DUR0_OFF, _DURSUM_OFF = _W_DUR0 * 8, _W_DURSUM * 8
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _observe_duration(mv: memoryview, d: int) -> None:
+    """Count one call that now has both times (lock held; see docs/format.md).
+
+    On the single-key hot path: struct on the mapping's memoryview costs
+    about half of numpy scalar arithmetic on the header words.
+    """
+    off = _DUR0_OFF + (_bisect_left(DURATION_BOUNDS_NS, d) << 3)
+    _U64.pack_into(mv, off, (_U64.unpack_from(mv, off)[0] + 1) & _M64)
+    if d > 0:
+        _U64.pack_into(mv, _DURSUM_OFF, (_U64.unpack_from(mv, _DURSUM_OFF)[0] + d // 1000) & _M64)
+
+
+def _observe_durations(q: np.ndarray, d: np.ndarray) -> None:
+    """Count many calls that now have both times (lock held)."""
+    n = np.bincount(np.searchsorted(_DUR_BOUNDS, d, side="left"), minlength=len(_DUR_BOUNDS) + 1)
+    for i in np.flatnonzero(n):
+        q[_W_DUR0 + i] += int(n[i])
+    q[_W_DURSUM] += np.sum(np.maximum(d, 0) // 1000, dtype=np.uint64)
+
+
+class Counters(NamedTuple):
+    """What :meth:`CallTable.counters` reports: header words only, no pass over the rows."""
+
+    capacity: int
+    limit: int
+    count: int
+    tombstones: int
+    generation: int
+    n_started: int
+    n_stopped: int
+    n_removed: int
+    n_rebuilds: int
+    n_recoveries: int
+    duration_bounds_s: tuple[int, ...]
+    """Upper bounds of the duration buckets (seconds); a last bucket holds the rest."""
+    duration_buckets: tuple[int, ...]
+    """Calls per bucket (not cumulative), len(duration_bounds_s) + 1 entries."""
+    duration_sum_s: float
 
 
 class Stats(NamedTuple):
@@ -650,6 +698,15 @@ class CallTable:
                                 qi[o + col] = ts
                                 q[o] = w + 2
                                 q[_W_NSTART if col == 1 else _W_NSTOP] += 1
+                                other = _I64.unpack_from(mv, (o + 3 - col) << 3)[0]
+                                if other != NOT_SET:    # the call now has both times
+                                    # _observe_duration, inlined (hot path)
+                                    d = ts - other if col == 2 else other - ts
+                                    b = _DUR0_OFF + (_bisect_left(DURATION_BOUNDS_NS, d) << 3)
+                                    _U64.pack_into(mv, b, _U64.unpack_from(mv, b)[0] + 1)
+                                    if d > 0:
+                                        _U64.pack_into(mv, _DURSUM_OFF, (_U64.unpack_from(
+                                            mv, _DURSUM_OFF)[0] + d // 1000) & _M64)
                                 q[_W_WSEQ] = w + 2
                                 return True
                             if tag not in blk[j + 1:]:
@@ -709,6 +766,9 @@ class CallTable:
             q[o] = w + 1
             m.qi[o + col] = ts
             q[o] = w + 2
+            other = int(m.qi[o + 3 - col])
+            if other != NOT_SET:
+                _observe_duration(m.mv, ts - other if col == 2 else other - ts)
         elif insert:
             g = self._g
             if q[_W_COUNT] >= g.limit or q[_W_TOMB] > probe.tomb_limit(g):
@@ -1028,6 +1088,7 @@ class CallTable:
         gid = grp.group
         ngroups = len(rep)
         new_vals = {1: np.full(ngroups, NOT_SET, np.int64), 2: np.full(ngroups, NOT_SET, np.int64)}
+        upd_vals = {1: np.full(ngroups, NOT_SET, np.int64), 2: np.full(ngroups, NOT_SET, np.int64)}
         for vals, col, out, counter in ((sv, 1, started, _W_NSTART), (ev, 2, ended, _W_NSTOP)):
             if vals is None:
                 continue
@@ -1044,6 +1105,7 @@ class CallTable:
             upd = fnd & (cur == NOT_SET)
             if upd.any():
                 probe.set_field(m, f.slot[wg[upd]], col, v[win[upd]], seq_odd)
+                upd_vals[col][wg[upd]] = v[win[upd]]
             rec = upd
             if insert:
                 new_vals[col][wg[~fnd]] = v[win[~fnd]]
@@ -1051,6 +1113,14 @@ class CallTable:
             hit_rows = o[win[rec]]
             out[hit_rows if idx is None else idx[hit_rows]] = True
             q[counter] += int(np.count_nonzero(rec))
+        # Calls that got their second time in this batch enter the duration histogram.
+        s_old = np.where(found, f.start, NOT_SET)
+        e_old = np.where(found, f.end, NOT_SET)
+        s_new = np.where(s_old != NOT_SET, s_old, np.where(found, upd_vals[1], new_vals[1]))
+        e_new = np.where(e_old != NOT_SET, e_old, np.where(found, upd_vals[2], new_vals[2]))
+        done = (s_new != NOT_SET) & (e_new != NOT_SET) & ((s_old == NOT_SET) | (e_old == NOT_SET))
+        if done.any():
+            _observe_durations(q, e_new[done] - s_new[done])
         crashpoint("batch-fields-set")
         if len(new_groups):
             fields = kq.view(f"S{self._kf}").reshape(len(kq))
@@ -1127,6 +1197,36 @@ class CallTable:
         out["key"] = keys if self._kf == self._kw else keys.astype(f"S{self._kw}")
         return out
 
+    def times(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(start, end)`` of every call present, without their keys: snapshot() for monitors.
+
+        The same lock-free protocol and guarantees as :meth:`snapshot` (no
+        torn row, no call twice, every call present for the whole read is
+        there), reading 16 bytes per call instead of the whole row: the
+        Prometheus exporter's one pass per scrape.
+
+        Returns
+        -------
+        (numpy.ndarray, numpy.ndarray)
+            int64 ns, aligned, in no particular order; NOT_SET where unset.
+        """
+        m = self._live_mapping()
+        w1 = m.q[_W_WSEQ]
+        tags = m.tags.copy()
+        live = np.flatnonzero(tags >= 2)
+        se = np.take(m.rowq[:, 1:3], live, axis=0)     # one gather: both times of a row
+        start, end = se[:, 0], se[:, 1]
+        ok = probe.row_is_stable(m.seqcol[live], w1, None)   # versions read after the times
+        if not ok.all():
+            # Rows a writer touched meanwhile: re-read them whole (their keys
+            # tell a call that moved from its older copy), as snapshot() does.
+            lu = live[~ok]
+            _, rows = self._reread_rows(m, lu, np.take(m.rowq, lu, axis=0), tags[lu],
+                                        np.arange(len(lu)))
+            start = np.concatenate([start[ok], rows[:, 1]])
+            end = np.concatenate([end[ok], rows[:, 2]])
+        return start.view(np.int64), end.view(np.int64)
+
     def _reread_rows(self, m: Mapping, live: np.ndarray, rows: np.ndarray, tag: np.ndarray,
                      todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Re-read rows a writer touched while a snapshot copied them.
@@ -1195,6 +1295,31 @@ class CallTable:
             n_removed=int(q[_W_NREM]), n_rebuilds=int(q[W["n_rebuilds"]]),
             n_recoveries=int(q[W["n_recoveries"]]), auto_grow=g.auto_grow,
             writer_pid=lock_holder(self._lock_path),
+        )
+
+    def counters(self) -> Counters:
+        """The header's counts and monotonic counters, without a pass over the rows.
+
+        Cheap (a few dozen word reads) and lock-free, for monitoring: the
+        Prometheus exporter reads these on every scrape.  ``n_started`` and
+        ``n_stopped`` never decrease (expire and rebuilds keep them), and the
+        duration histogram counts every call once, when it first has both a
+        start and an end, so it also survives ``expire`` (docs/format.md).
+        Words are read one by one while writers may run: each is exact, the
+        set is not one atomic picture.
+        """
+        m = self._live_mapping()
+        g = m.geometry
+        q = m.q
+        b0 = _W_DUR0
+        buckets = tuple(int(x) for x in q[b0:b0 + len(DURATION_BOUNDS_S) + 1])
+        return Counters(
+            capacity=g.capacity, limit=g.limit, count=int(q[_W_COUNT]),
+            tombstones=int(q[_W_TOMB]), generation=g.generation,
+            n_started=int(q[_W_NSTART]), n_stopped=int(q[_W_NSTOP]), n_removed=int(q[_W_NREM]),
+            n_rebuilds=int(q[W["n_rebuilds"]]), n_recoveries=int(q[W["n_recoveries"]]),
+            duration_bounds_s=DURATION_BOUNDS_S, duration_buckets=buckets,
+            duration_sum_s=int(q[_W_DURSUM]) / 1e6,
         )
 
     # ------------------------------------------------------------------ rebuild
