@@ -86,6 +86,21 @@ def mode_arg(text: str) -> int:
     return v
 
 
+def need_extra(*modules: str, extra: str = "analysis") -> None:
+    """Fail with one line, before anything is created, if an extra's module is missing.
+
+    The ``npcalls`` core needs numpy and xxhash only (what ``make demo``
+    installs); verbs that need more say which extra and how to install it.
+    """
+    import importlib
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except ImportError:
+            raise CliError(f"this needs the '{extra}' extra ({m} is not installed): "
+                           f"pip install 'npcalls[{extra}]'") from None
+
+
 def out_stream(path: str | None, binary: bool = False) -> Any:
     """Where a verb writes its data: a file (``-o``) or stdout."""
     if path in (None, "-"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._common import add_table_arg, duration_arg, open_table, positive_int
+from ._common import add_table_arg, duration_arg, need_extra, open_table, positive_int
 
 
 def _positive_float(text: str) -> float:
@@ -83,6 +83,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_top(a: argparse.Namespace) -> int:
+    need_extra("rich")
     from ..top import run_top
     with open_table(a.table, readonly=True) as t:
         return run_top(t, interval=a.interval, rows=a.rows, once=a.once)

@@ -165,7 +165,11 @@ class TabularParser:
 
     def _header(self, line: bytes) -> None:
         text = line.lstrip(b"\xef\xbb\xbf").rstrip(b"\r\n").decode("utf-8", "replace")
-        header = next(csv.reader([text]))
+        try:
+            header = next(csv.reader([text]))
+        except (csv.Error, StopIteration) as e:
+            # a binary file, a header field over the csv module's limit, ...
+            raise ValueError(f"unreadable CSV header (line 1): {e}") from None
         cid = _pick(header, self.names[0], CALL_ID_NAMES, "Call-ID")
         if cid is None:
             raise ValueError(f"no Call-ID column in the header (columns: {', '.join(header)}); "

@@ -1,0 +1,179 @@
+"""The ``npcalls`` command as a new user and a careless input meet it (issue 10).
+
+Every test runs the real command in a subprocess: exit status, stdout,
+stderr, what is left on disk.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import npcalls
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+LOG = os.path.join(DATA, "kamailio-acc.log")
+
+# What `make demo` installs: numpy and xxhash only.  A sitecustomize on
+# PYTHONPATH makes the analysis extra's modules unimportable in the child, as
+# in a core-only venv (importing any of them raises ModuleNotFoundError).
+EXTRA_MODULES = ("pandas", "pyarrow", "matplotlib", "rich", "IPython", "duckdb")
+_BLOCKER = textwrap.dedent(f"""\
+    import sys
+    for _m in {EXTRA_MODULES!r}:
+        sys.modules[_m] = None
+""")
+
+
+@pytest.fixture
+def cli_env(tmp_path):
+    d = tmp_path / "tables"
+    d.mkdir()
+    env = dict(os.environ, NPCALLS_DIR=str(d))
+    env.pop("TERM", None)
+    env.pop("NPCALLS_DEBUG", None)
+    yield env
+    for f in d.iterdir():          # tables are big: never leave them in pytest's tmp dir
+        f.unlink()
+
+
+@pytest.fixture
+def core_env(cli_env, tmp_path):
+    site = tmp_path / "core-only"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BLOCKER)
+    env = dict(cli_env)
+    env["PYTHONPATH"] = str(site) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run(env, *args, stdin: bytes | None = None, timeout: float = 120, **kw):
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    return subprocess.run([sys.executable, "-m", "npcalls", *args], env=env, input=stdin,
+                          timeout=timeout, **kw)
+
+
+def make_demo(env, name="demo"):
+    r = run(env, "demo", "--table", name)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def one_line_error(r, *needles):
+    err = r.stderr.decode()
+    assert r.returncode == 2, (r.returncode, err)
+    assert "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+# ---------------------------------------------------------------------- 1. dump to stdout
+
+def test_dump_parquet_to_stdout_exits_0_and_is_complete(cli_env, tmp_path):
+    make_demo(cli_env)
+    out = tmp_path / "f.parquet"
+    with open(out, "wb") as f:
+        r = run(cli_env, "dump", "demo", "--format", "parquet", stdout=f, stderr=subprocess.PIPE)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == b""
+    import pyarrow.parquet as pq
+    assert pq.read_table(out).num_rows == 1000
+    r2 = run(cli_env, "dump", "demo", "--format", "parquet", "-o", "-")
+    assert r2.returncode == 0 and r2.stderr == b"", r2.stderr
+    assert r2.stdout == out.read_bytes()[:4] + r2.stdout[4:] and r2.stdout[:4] == b"PAR1"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_dump_into_a_closed_pipe_is_quiet(cli_env, fmt):
+    make_demo(cli_env)
+    # `npcalls dump demo | head -c 10`, in a shell as cron would run it
+    cmd = (f"{sys.executable} -m npcalls dump demo --format {fmt} | head -c 10 >/dev/null; "
+           "echo \"${PIPESTATUS[0]}\"")
+    r = subprocess.run(["bash", "-c", cmd], env=cli_env, capture_output=True, timeout=120)
+    assert r.stdout.strip() == b"0", r.stderr
+    assert r.stderr == b""
+
+
+@pytest.mark.parametrize("verb", [["info", "demo"], ["info", "demo", "--json"],
+                                  ["get", "demo", "1-13786@127.0.0.1"],
+                                  ["dump", "demo"], ["dump", "demo", "--format", "jsonl"],
+                                  ["check", "demo"]])
+def test_verbs_writing_to_stdout_exit_0(cli_env, verb, tmp_path):
+    make_demo(cli_env)
+    with open(tmp_path / "out", "wb") as f:
+        r = run(cli_env, *verb, stdout=f, stderr=subprocess.PIPE)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------- 4. core-only install
+
+def test_the_blocker_reproduces_a_core_only_install(core_env):
+    code = "import pyarrow"
+    r = subprocess.run([sys.executable, "-c", code], env=core_env, capture_output=True)
+    assert r.returncode == 1 and b"ModuleNotFoundError" in r.stderr
+
+
+@pytest.mark.parametrize("args", [["top", "demo", "--once"],
+                                  ["dump", "demo", "--format", "parquet", "-o", "OUT"],
+                                  ["dump", "demo", "--format", "parquet", "-o", "-"]])
+def test_a_verb_needing_the_analysis_extra_says_so(core_env, tmp_path, args):
+    make_demo(core_env)
+    out = tmp_path / "f.parquet"
+    args = [str(out) if a == "OUT" else a for a in args]
+    r = run(core_env, *args)
+    err = one_line_error(r, "analysis", "pip install 'npcalls[analysis]'")
+    assert r.stdout == b""
+    assert not out.exists()                  # nothing created, not even a 0-byte file
+    assert err.startswith(f"npcalls {args[0]}: ")
+
+
+def test_unexpected_exceptions_are_one_line_unless_debugging(cli_env, tmp_path):
+    # a bug in a verb (here: a sitecustomize makes `info` raise what no verb expects)
+    site = tmp_path / "buggy"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(textwrap.dedent("""\
+        import npcalls.cli.table_cmds as tc
+        def boom(a):
+            raise KeyError("no such thing")
+        tc.cmd_info = boom
+        """))
+    make_demo(cli_env)
+    env = dict(cli_env, PYTHONPATH=str(site))
+    r = run(env, "info", "demo")
+    err = one_line_error(r, "npcalls info:", "KeyError", "no such thing", "--debug",
+                         "NPCALLS_DEBUG=1")
+    r = run(env, "--debug", "info", "demo")
+    assert r.returncode == 2 and b"Traceback" in r.stderr and b"boom" in r.stderr
+    r = run(dict(env, NPCALLS_DEBUG="1"), "info", "demo")
+    assert r.returncode == 2 and b"Traceback" in r.stderr
+
+
+# ---------------------------------------------------------------------- 5. tracebacks from ingest
+
+def test_ingest_csv_on_a_binary_file_is_a_clear_error(cli_env, tmp_path):
+    f = tmp_path / "bin.dat"
+    f.write_bytes(open(sys.executable, "rb").read(4096))
+    r = run(cli_env, "ingest", "t", str(f), "--format", "csv", "--create", "--capacity", "64")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "Traceback" not in err, err
+    assert "bin.dat" in err and "CSV header" in err
+
+
+def test_ingest_csv_with_a_huge_header_field_is_a_clear_error(cli_env, tmp_path):
+    f = tmp_path / "big.csv"
+    f.write_text("call_id,start,end," + "x" * 200_000 + "\na,1795668428,1795668430,y\n")
+    r = run(cli_env, "ingest", "t", str(f), "--format", "csv", "--create", "--capacity", "64")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "Traceback" not in err, err
+    assert "big.csv" in err and "CSV header" in err
