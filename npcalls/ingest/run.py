@@ -77,6 +77,14 @@ class _Feed:
         self.line += p.lines
         self.loader.add(p)
 
+    def finish(self) -> None:
+        """The input ended: what a parser still holds (an open quoted CSV record) is reported."""
+        end = getattr(self.parser, "finish", None)
+        if end is not None and not self.failed:
+            p = end(self.name)
+            if p is not None:
+                self.loader.add(p)
+
 
 def ingest(table: Any, inputs: Sequence[str], *, format: str = "auto",
            call_id_col: str | None = None, start_col: str | None = None,
@@ -195,6 +203,9 @@ def _read_one(path: str, opts: dict, loader: Loader, summary: Summary,
     jobs = opts.get("jobs") or 1
     big = (jobs > 1 and path != "-" and src.compression is None and src.size is not None
            and src.size >= _par.PARALLEL_MIN)
+    # CSV records may span lines (quoted newlines), so a CSV file cannot be cut
+    # into ranges at arbitrary newlines: it is parsed here, in order.
+    big_ok = lambda: not (isinstance(feed.parser, TabularParser) and feed.parser.fmt == "csv")
     with src:
         try:
             for chunk in src.chunks():
@@ -203,9 +214,10 @@ def _read_one(path: str, opts: dict, loader: Loader, summary: Summary,
                 report()
                 if feed.failed:
                     return
-                if big:
+                if big and big_ok():
                     break
             else:
+                feed.finish()
                 return
         except SourceError as e:
             summary.errors.append(str(e))
