@@ -172,3 +172,98 @@ def test_quoted_records_across_chunk_ends_read_as_in_one_piece(make_table, tmp_p
     snap = t.snapshot()
     assert {bytes(k): (int(a), int(b)) for k, a, b in
             zip(snap["key"], snap["start"], snap["end"])} == want
+
+
+# ---------------------------------------------------------------------- acc lines cut short
+
+LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "kamailio-acc.log")
+
+
+def _variant(lines: list[bytes], layout: str) -> list[bytes]:
+    """The real log, or the same calls in a field order only the careful parser reads."""
+    if layout == "fast":
+        return lines
+    out = []
+    for ln in lines:
+        ln = re.sub(rb"ACC: transaction answered: (timestamp=\d+;t_ms=[\d.]+);(method=\w+);",
+                    rb"ACC: transaction answered: \2;\1;", ln)
+        ln = re.sub(rb"(duration=[\d.]+); (call_id=[^;]+);", rb"\2; \1;", ln)
+        out.append(ln)
+    return out
+
+
+def _table_of(make_table, tmp_path, lines: list[bytes], tag: str):
+    f = tmp_path / f"{tag}.log"
+    f.write_bytes(b"".join(ln + b"\n" for ln in lines))
+    t = make_table(1024, table_name=f"cut-{tag}")
+    s = ingest(t, [str(f)], jobs=1, show_bad=100)
+    snap = t.snapshot()
+    t.close()
+    npcalls.CallTable.unlink(t.path)
+    return s, {bytes(k): (int(a), int(b)) for k, a, b in
+               zip(snap["key"], snap["start"], snap["end"])}
+
+
+@pytest.mark.parametrize("layout", ["fast", "careful"])
+@pytest.mark.parametrize("which", ["INVITE", "BYE", "CDR"])
+def test_a_line_cut_anywhere_never_invents_a_call(make_table, tmp_path, layout, which):
+    """Cut one line of the real log at every byte of its acc text, in the middle of the file.
+
+    Whatever the cut, the table is the one the log without that line gives
+    (no phantom Call-ID prefix, no wrong time), except when only the last
+    field's value lost its end (every field is still there: a good line).
+    Once the cut reaches into the fields, the line is a bad line, shown with
+    its line number.
+    """
+    lines = _variant(open(LOG, "rb").read().splitlines()[1500:1740], layout)
+    marker = b" start_time=" if which == "CDR" else b"method=" + which.encode() + b";"
+    idx = next(i for i in range(100, 240) if marker in lines[i])
+    line = lines[idx]
+    if which == "CDR":      # a call known by its CDR alone (its acc lines predate the log)
+        cid = re.search(rb"call_id=([^;]+)", line).group(1)
+        lines = [ln for ln in lines if b";call_id=" + cid + b";" not in ln]
+        idx = lines.index(line)
+    # the loader's result without the line, and with it whole
+    s_without, without = _table_of(make_table, tmp_path, lines[:idx] + lines[idx + 1:], "w")
+    s_whole, whole = _table_of(make_table, tmp_path, lines, "whole")
+    assert s_without.bad == s_whole.bad == 0 and without != whole
+    body = line.index(b"ACC: ") + 5 if which != "CDR" else line.index(b" start_time=") + 1
+    # from here on the line is recognisably of its kind (an acc line's kind
+    # text is whole; a CDR has start_time and end_time, as other daemons' lines do not)
+    fields_from = (line.index(b": ", body) + 2 if which != "CDR"
+                   else line.index(b"end_time=") + 9)
+    last_value = line.rindex(b"=") + 1
+    for cut in range(body, len(line)):
+        cut_lines = lines[:idx] + [line[:cut]] + lines[idx + 1:]
+        s, got = _table_of(make_table, tmp_path, cut_lines, "cut")
+        if cut >= last_value:           # inside the last value: every field is there
+            assert got == whole and s.bad == 0, (cut, line[:cut])
+            continue
+        assert got == without, (cut, line[:cut])
+        if cut >= fields_from:
+            assert s.bad == 1 and [p.line for p in s.problems] == [idx + 1], \
+                (cut, line[:cut], s.problems)
+
+
+def test_the_issue_case_a_cdr_cut_inside_its_call_id(cli_env, tmp_path):
+    lines = open(LOG, "rb").read().splitlines()
+    idx = next(i for i in range(1500, 3000) if b" start_time=" in lines[i])
+    cid = re.search(rb"call_id=([^;]+);", lines[idx]).group(1)
+    cut = lines[idx][:lines[idx].index(cid) + len(cid) - 3]        # "...; call_id=1234-137"
+    f = tmp_path / "kam.log"
+    f.write_bytes(b"\n".join(lines[:idx] + [cut] + lines[idx + 1:]) + b"\n")
+    r, calls = ingest_cli(cli_env, f)
+    assert r.returncode == 1, r.stderr
+    assert list(bad_lines(r, "kam.log")) == [idx + 1]
+    assert cid[:-3] not in calls and cid in calls and len(calls) == 1000
+
+
+@pytest.mark.parametrize("missing", [b"method", b"call_id", b"code", b"timestamp"])
+def test_acc_lines_missing_a_mandatory_field_are_bad(make_table, tmp_path, missing):
+    lines = open(LOG, "rb").read().splitlines()[:240]
+    idx = next(i for i in range(100, 240) if b"method=INVITE;" in lines[i])
+    ln = re.sub(rb";?" + missing + rb"=[^;]*", b"", lines[idx])
+    if missing == b"timestamp":
+        ln = re.sub(rb"t_ms=[^;]*;", b"", ln)
+    s, got = _table_of(make_table, tmp_path, lines[:idx] + [ln] + lines[idx + 1:], "m")
+    assert s.bad == 1 and s.problems[0].line == idx + 1, (ln, s.problems)

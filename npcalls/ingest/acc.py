@@ -40,12 +40,26 @@ Meaning of lines (see DESIGN.md, "Field facts")
   401/407, CANCELled with 487) start nothing;
 * a CDR with ``duration=0`` belongs to a dialog that was never answered;
 * every other acc line (ACK, CANCEL, OPTIONS, ...) is a good line with no event.
+
+Lines cut short
+---------------
+A line cut in the middle (a crash, a full disk, a syslog size limit) must
+never give a call: cut inside a Call-ID that ends the line, it would give a
+phantom Call-ID, a prefix of the real one.  So a line of a kind (acc
+transaction line, CDR line) whose field names are a strict prefix of the
+field names the other lines of that kind carry in the same input is a bad
+line, whatever the parsers would make of it.  The shape of a kind is taken
+from the input's first chunk (its most common last field; a longer line of
+the same shape replaces it); the check costs one backwards search per line,
+and only lines whose last field differs are looked at closely.  A cut inside
+the last field's value leaves every field there: that line is good (its
+Call-ID, if it is the last field, cannot be told from a complete one).
 """
 
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -277,6 +291,31 @@ def parse_acc_text(rest: bytes) -> tuple:
     return (NONE,)
 
 
+def field_names(kind: str, text: bytes) -> list[bytes]:
+    """The names of a line's fields, in order (``kind`` "acc": the text after ``ACC: ``;
+    "cdr": the text after `` start_time=``)."""
+    text = clean_eol(text)
+    if kind == "acc":
+        _, sep, text = text.partition(b": ")
+        if not sep:
+            return []
+    else:
+        text = b"start_time=" + text
+    out = []
+    for part in text.split(b";"):
+        name, eq, _ = part.partition(b"=")
+        if eq:
+            out.append(name.strip())
+    return out
+
+
+def _last_names(A: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """The name of each row's last field (what follows its last ';', up to '=')."""
+    a = S.rfind(A, b";") + 1
+    eq = find_in(A, b"=", a, S.str_len(A))
+    return S.lstrip(field(A, a, np.where(eq >= 0, eq, a), m, 24), b" ")
+
+
 def _opensips_cdr(f: dict[bytes, bytes], body: bytes) -> tuple:
     cid = _call_id(body, f)
     if cid is None:
@@ -397,6 +436,7 @@ class AccParser:
         self.kept = 0
         self._in_pass = 0
         self._bol_cdr = False
+        self._shape: dict[str, list[bytes] | None] = {"acc": None, "cdr": None}
 
     # one chunk -------------------------------------------------------------
 
@@ -464,6 +504,47 @@ class AccParser:
             p.problems.append(Problem(source, lines.number(off), kind, reason,
                                       _line_text(lines.text(off))))
 
+    def _cut_rows(self, kind: str, A: np.ndarray, m: np.ndarray, cand: np.ndarray,
+                  text: "Callable[[int], bytes]") -> np.ndarray:
+        """Rows lacking fields that the other lines of this kind carry (lines cut short)."""
+        cut = np.zeros(len(A), bool)
+        if not cand.any():
+            return cut
+        last = _last_names(A, m)
+        ref = self._shape[kind]
+        if ref is None:
+            vals, counts = np.unique(last[cand], return_counts=True)
+            i = int(np.flatnonzero(cand & (last == vals[np.argmax(counts)]))[0])
+            ref = field_names(kind, text(i))
+            if not ref:
+                return cut
+        names: dict[int, list[bytes]] = {}
+        for _ in range(3):
+            sus = np.flatnonzero(cand & (last != ref[-1])).tolist()
+            for i in sus:
+                if i not in names:
+                    names[i] = field_names(kind, text(i))
+            longer = [names[i] for i in sus
+                      if len(names[i]) > len(ref) and names[i][:len(ref)] == ref]
+            if not longer:
+                break
+            ref = max(longer, key=len)      # the shape seen so far was itself cut short
+        self._shape[kind] = ref
+        for i in sus:
+            nm = names[i]
+            if len(nm) < len(ref) and nm == ref[:len(nm)]:
+                cut[i] = True
+        return cut
+
+    def _cut_reason(self, kind: str, text: bytes) -> str:
+        ref = self._shape[kind] or []
+        have = len(field_names(kind, text))
+        missing = b", ".join(ref[have:have + 3]).decode("utf-8", "backslashreplace")
+        more = ", ..." if len(ref) - have > 3 else ""
+        what = "acc" if kind == "acc" else "CDR"
+        return (f"{what} line cut short: it lacks {missing}{more}, which the other {what} "
+                f"lines of this input carry")
+
     def _too_long_reason(self, n: int) -> str:
         return (f"Call-ID is {n} bytes, longer than the table's key width of {self.key_width} "
                 f"(create the table with a larger key width, e.g. --key-width "
@@ -498,6 +579,19 @@ class AccParser:
         g = gather(m, p_k + 6, None, 4)
         ok &= ((g[:, :3] >= 48) & (g[:, :3] <= 57)).all(axis=1) & ((g[:, 3] == 59) | (g[:, 3] == 0))
         c0 = g[:, 0]
+        offsets: list[int] | None = None
+
+        def text(i: int) -> bytes:
+            nonlocal offsets
+            if len(rows[i]) < _REST:
+                return rows[i]
+            if offsets is None:
+                offsets = [x.start() for x in _ACC_RX.finditer(chunk)]
+            off = offsets[i]
+            return chunk[off + 5:chunk.find(b"\n", off)]
+
+        cut = self._cut_rows("acc", A, m, ~S.startswith(A, b"call ended: "), text)
+        ok &= ~cut
         cid = field(A, p_c + 9, p_k, m)
         kok, too_long, odd = key_check(cid, self.key_width, has_nul)
         ok &= ~odd
@@ -509,14 +603,13 @@ class AccParser:
         end_row = good & two & is_bye
         p.failed += int(np.count_nonzero(good & (missed | (is_inv & ~two))))
         p.acc_lines += int(np.count_nonzero(good))
-        offsets: list[int] | None = None
         # a Call-ID too long for the table matters only on a line that starts
         # or ends a call; other lines (failed calls, ACKs) are good lines
         tl = np.flatnonzero(ok & too_long & two & (is_inv | is_bye))
         p.acc_lines += int(np.count_nonzero(ok & too_long)) - len(tl)
         p.failed += int(np.count_nonzero(ok & too_long & (missed | (is_inv & ~two))))
         slow = np.flatnonzero(~ok)
-        if len(tl) or len(slow):
+        if (len(tl) or len(slow)) and offsets is None:
             offsets = [m.start() for m in _ACC_RX.finditer(chunk)]
         for i in tl.tolist():
             self._problem(p, "too_long", self._too_long_reason(len(cid[i])), source, lines,
@@ -527,6 +620,9 @@ class AccParser:
             if len(row) >= _REST:       # the capture stopped short of the line's end
                 row = chunk[off + 5:chunk.find(b"\n", off)]
             r = parse_acc_text(row)
+            if cut[i] and r[0] not in (BAD, IGNORED):
+                self._problem(p, "bad", self._cut_reason("acc", row), source, lines, off)
+                continue
             self._slow_outcome(r, i, p, slow_events, source, lines, off, "acc")
         ev = start_row | end_row
         keys = cid[ev]
@@ -573,6 +669,19 @@ class AccParser:
             B = B.astype("S1")
         m = matrix(B)
         st, en, dstart, ok, cand = _cdr_times(B, m)
+        offsets: list[int] | None = None
+
+        def text(i: int) -> bytes:
+            nonlocal offsets
+            if len(rows[i]) < _REST:
+                return rows[i]
+            if offsets is None:
+                offsets = [x.start(1) for x in rx.finditer(chunk)]
+            off = offsets[i]
+            return chunk[off:chunk.find(b"\n", off)]
+
+        cut = self._cut_rows("cdr", B, m, cand, text)
+        ok &= ~cut
         # the duration only matters as zero (a dialog never answered: Kamailio
         # writes "0") or not; its digits are checked, not converted
         du_end = S.find(B, b";", starts(dstart))
@@ -597,8 +706,7 @@ class AccParser:
         p.cdr_lines += int(np.count_nonzero(ok & too_long)) - len(tl)
         p.failed += int(np.count_nonzero(ok & too_long & (du == 0)))
         slow = np.flatnonzero(~ok & cand)
-        offsets: list[int] | None = None
-        if len(tl) or len(slow):
+        if (len(tl) or len(slow)) and offsets is None:
             # where each row's text starts (inside its line, for line numbers)
             offsets = [m.start(1) for m in rx.finditer(chunk)]
         for i in tl.tolist():
@@ -610,6 +718,9 @@ class AccParser:
             if len(row) >= _REST:
                 row = chunk[off:chunk.find(b"\n", off)]
             r = parse_cdr_text(row)
+            if cut[i] and r[0] != BAD:
+                self._problem(p, "bad", self._cut_reason("cdr", row), source, lines, off)
+                continue
             self._slow_outcome(r, i, p, slow_events, source, lines, off, "cdr")
         keys, s2, e2 = cid[answered], st[answered], en[answered]
         if slow_events:
