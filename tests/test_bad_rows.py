@@ -23,17 +23,6 @@ NS = 1_000_000_000
 T0 = 1_795_668_428          # 2026-11-26, inside the accepted window
 
 
-@pytest.fixture
-def cli_env(tmp_path):
-    d = tmp_path / "tables"
-    d.mkdir()
-    env = dict(os.environ, NPCALLS_DIR=str(d))
-    env.pop("TERM", None)
-    yield env
-    for f in d.iterdir():
-        f.unlink()
-
-
 def ingest_cli(env, path, *args):
     r = subprocess.run([sys.executable, "-m", "npcalls", "ingest", "t", str(path), "--create",
                         "--capacity", "4096", "--show-bad", "100", *args], env=env,

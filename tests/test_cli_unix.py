@@ -33,18 +33,6 @@ _BLOCKER = textwrap.dedent(f"""\
 
 
 @pytest.fixture
-def cli_env(tmp_path):
-    d = tmp_path / "tables"
-    d.mkdir()
-    env = dict(os.environ, NPCALLS_DIR=str(d))
-    env.pop("TERM", None)
-    env.pop("NPCALLS_DEBUG", None)
-    yield env
-    for f in d.iterdir():          # tables are big: never leave them in pytest's tmp dir
-        f.unlink()
-
-
-@pytest.fixture
 def core_env(cli_env, tmp_path):
     site = tmp_path / "core-only"
     site.mkdir()
