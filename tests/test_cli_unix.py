@@ -165,3 +165,38 @@ def test_ingest_csv_with_a_huge_header_field_is_a_clear_error(cli_env, tmp_path)
     err = r.stderr.decode()
     assert r.returncode == 2 and "Traceback" not in err, err
     assert "big.csv" in err and "CSV header" in err
+
+
+# ---------------------------------------------------------------------- make demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_make_demo_hints_work_as_printed(cli_env):
+    """`make demo`, then every command of its 'explore it:' line, pasted into a shell."""
+    bindir = os.path.dirname(sys.executable)       # the venv the suite runs in
+    env = dict(cli_env, PATH="/usr/bin:/bin")      # the venv is not on PATH, as after a clone
+    r = subprocess.run(["make", "-s", "-o", ".venv/.installed-core",
+                        f"BIN={os.path.relpath(bindir, ROOT)}", "demo"],
+                       cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    hint = [ln for ln in r.stdout.decode().splitlines() if ln.startswith("explore it: ")]
+    assert len(hint) == 1
+    cmds = [c.strip() for c in hint[0][len("explore it: "):].split(";")]
+    assert len(cmds) == 3
+    for c in cmds:
+        h = subprocess.run(["bash", "-c", "set -o pipefail; " + c], cwd=ROOT, env=env,
+                           capture_output=True, timeout=120)
+        assert h.returncode == 0, (c, h.stderr)
+        assert h.stdout.strip() and h.stderr == b"", (c, h.stderr)
+
+
+def test_demo_hint_names_the_command_as_invoked(cli_env, tmp_path):
+    # run through a path that is not on PATH: the hint must repeat that path
+    exe = os.path.join(os.path.dirname(sys.executable), "npcalls")
+    env = dict(cli_env, PATH="/usr/bin:/bin")
+    r = subprocess.run([exe, "demo", "--table", "d2"], env=env, capture_output=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"explore it: {os.path.relpath(exe, tmp_path)} info d2;" in r.stdout.decode() or \
+        f"explore it: {exe} info d2;" in r.stdout.decode()

@@ -114,5 +114,33 @@ def write_lines(lines: Iterable[str], stream: Any) -> None:
         stream.write("\n")
 
 
+def command_name() -> str:
+    """The ``npcalls`` command as the user can type it here, for hints meant to be pasted.
+
+    ``npcalls`` when that name on PATH is this installation; otherwise the path
+    it was run by (``.venv/bin/npcalls`` after ``make demo``), or
+    ``PYTHON -m npcalls``.
+    """
+    import shlex
+    import shutil
+
+    def short(path: str) -> str:
+        rel = os.path.relpath(path)
+        if rel.startswith(".."):
+            return os.path.abspath(path)
+        return rel if os.sep in rel else os.path.join(".", rel)
+
+    on_path = shutil.which("npcalls")
+    prog = sys.argv[0] if sys.argv else ""
+    if os.path.basename(prog) == "npcalls" and os.path.isfile(prog):      # the console script
+        if on_path and os.path.samefile(on_path, prog):
+            return "npcalls"
+        return shlex.quote(short(prog))
+    here = os.path.dirname(os.path.abspath(sys.executable))
+    if on_path and os.path.dirname(os.path.abspath(on_path)) == here:
+        return "npcalls"
+    return f"{shlex.quote(short(sys.executable))} -m npcalls"
+
+
 def stderr_is_tty() -> bool:
     return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
