@@ -200,3 +200,58 @@ def test_demo_hint_names_the_command_as_invoked(cli_env, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"explore it: {os.path.relpath(exe, tmp_path)} info d2;" in r.stdout.decode() or \
         f"explore it: {exe} info d2;" in r.stdout.decode()
+
+
+# ---------------------------------------------------------------------- ingest: rough edges
+
+def _ingest(env, *args, stdin=None):
+    return run(env, "ingest", "t", *args, "--create", "--capacity", "4096", stdin=stdin)
+
+
+@pytest.mark.parametrize("what", ["empty", "blank", "ls"])
+def test_an_input_without_calls_exits_1_whatever_it_is(cli_env, tmp_path, what):
+    f = tmp_path / what
+    f.write_bytes({"empty": b"", "blank": b"\n\n", "ls": open("/bin/ls", "rb").read()}[what])
+    r = _ingest(cli_env, str(f))
+    assert r.returncode == 1, r.stderr
+    assert b"no acc, CDR or CSV/JSON call lines" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_truncated_gzip_loads_its_readable_prefix_then_exits_1(cli_env, tmp_path):
+    data = open(LOG, "rb").read()
+    z = gzip.compress(data)
+    f = tmp_path / "acc.log.gz"
+    f.write_bytes(z[:len(z) // 2])
+    r = _ingest(cli_env, str(f))
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    assert "acc.log.gz" in err and "truncated" in err and "Traceback" not in err
+    # the calls of the readable half are there (the whole log holds 1000)
+    with npcalls.CallTable.open(os.path.join(cli_env["NPCALLS_DIR"], "npcalls.t"),
+                                readonly=True) as t:
+        assert 300 < len(t) < 1000
+    m = __import__("re").search(r"read ([\d,]+) lines", err)
+    assert 1000 < int(m.group(1).replace(",", "")) < 3000
+
+
+def test_a_call_id_too_long_for_any_table_says_line_too_long(cli_env, tmp_path):
+    lines = open(LOG, "rb").read().splitlines(keepends=True)[:30]
+    big = b"x" * 10_000_000
+    lines[10] = lines[10].replace(b"call_id=", b"call_id=" + big)
+    lines[12] = lines[12].replace(b"call_id=", b"call_id=" + b"y" * 100)
+    f = tmp_path / "long.log"
+    f.write_bytes(b"".join(lines))
+    r = _ingest(cli_env, str(f))
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    assert "--key-width 10000" not in err
+    assert "line too long" in err and "4096" in err
+    assert "--key-width 128" in err                   # a width that fits is still suggested
+
+
+def test_read_1_line_not_1_lines(cli_env, tmp_path):
+    f = tmp_path / "one.log"
+    f.write_bytes(open(LOG, "rb").read().splitlines(keepends=True)[0])
+    r = _ingest(cli_env, str(f))
+    assert r.returncode == 0, r.stderr
+    assert b"read 1 line from 1 input" in r.stderr

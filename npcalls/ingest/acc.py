@@ -309,11 +309,11 @@ def field_names(kind: str, text: bytes) -> list[bytes]:
     return out
 
 
-def _last_names(A: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """The name of each row's last field (what follows its last ';', up to '=')."""
-    a = S.rfind(A, b";") + 1
-    eq = find_in(A, b"=", a, S.str_len(A))
-    return S.lstrip(field(A, a, np.where(eq >= 0, eq, a), m, 24), b" ")
+def _last_token(text: bytes) -> bytes:
+    """What follows a line's last ';', up to and including the next '=' (b"" if none)."""
+    tail = clean_eol(text).rpartition(b";")[2]
+    name, eq, _ = tail.partition(b"=")
+    return name + eq if eq else b""
 
 
 def _opensips_cdr(f: dict[bytes, bytes], body: bytes) -> tuple:
@@ -436,7 +436,8 @@ class AccParser:
         self.kept = 0
         self._in_pass = 0
         self._bol_cdr = False
-        self._shape: dict[str, list[bytes] | None] = {"acc": None, "cdr": None}
+        # per kind: the field names of a whole line, and its last field's "name="
+        self._shape: dict[str, tuple[list[bytes], bytes] | None] = {"acc": None, "cdr": None}
 
     # one chunk -------------------------------------------------------------
 
@@ -506,30 +507,42 @@ class AccParser:
 
     def _cut_rows(self, kind: str, A: np.ndarray, m: np.ndarray, cand: np.ndarray,
                   text: "Callable[[int], bytes]") -> np.ndarray:
-        """Rows lacking fields that the other lines of this kind carry (lines cut short)."""
+        """Rows lacking fields that the other lines of this kind carry (lines cut short).
+
+        ``A`` must have a NUL after every row (an itemsize above the longest row).
+        """
         cut = np.zeros(len(A), bool)
         if not cand.any():
             return cut
-        last = _last_names(A, m)
-        ref = self._shape[kind]
-        if ref is None:
-            vals, counts = np.unique(last[cand], return_counts=True)
-            i = int(np.flatnonzero(cand & (last == vals[np.argmax(counts)]))[0])
-            ref = field_names(kind, text(i))
-            if not ref:
+        a = S.rfind(A, b";") + 1
+        shape = self._shape[kind]
+        if shape is None:
+            # the most common last field of the input's first lines gives the shape
+            first = np.flatnonzero(cand)[:1000]
+            g = gather(m, a[first], None, 24, first)
+            g *= np.cumprod((g != 61) & (g != 0), axis=1, dtype=np.uint8)   # up to "=" or the end
+            keys = g.view("S24").reshape(-1)
+            vals, counts = np.unique(keys, return_counts=True)
+            i = int(first[np.flatnonzero(keys == vals[np.argmax(counts)])[0]])
+            shape = self._shape[kind] = field_names(kind, text(i)), _last_token(text(i))
+            if not shape[0] or not shape[1]:
+                self._shape[kind] = None
                 return cut
         names: dict[int, list[bytes]] = {}
         for _ in range(3):
-            sus = np.flatnonzero(cand & (last != ref[-1])).tolist()
+            ref, token = shape
+            pat = np.frombuffer(token, np.uint8)
+            same = (gather(m, a, None, len(pat)) == pat).all(axis=1)
+            sus = np.flatnonzero(cand & ~same).tolist()
             for i in sus:
                 if i not in names:
                     names[i] = field_names(kind, text(i))
-            longer = [names[i] for i in sus
-                      if len(names[i]) > len(ref) and names[i][:len(ref)] == ref]
+            longer = [i for i in sus if len(names[i]) > len(ref) and names[i][:len(ref)] == ref]
             if not longer:
                 break
-            ref = max(longer, key=len)      # the shape seen so far was itself cut short
-        self._shape[kind] = ref
+            # the shape seen so far was itself a line cut short
+            i = max(longer, key=lambda j: len(names[j]))
+            shape = self._shape[kind] = names[i], _last_token(text(i))
         for i in sus:
             nm = names[i]
             if len(nm) < len(ref) and nm == ref[:len(nm)]:
@@ -537,7 +550,7 @@ class AccParser:
         return cut
 
     def _cut_reason(self, kind: str, text: bytes) -> str:
-        ref = self._shape[kind] or []
+        ref = (self._shape[kind] or ([], b""))[0]
         have = len(field_names(kind, text))
         missing = b", ".join(ref[have:have + 3]).decode("utf-8", "backslashreplace")
         more = ", ..." if len(ref) - have > 3 else ""
@@ -552,7 +565,8 @@ class AccParser:
 
     def _acc(self, rows: list[bytes], chunk: bytes, lines: _Lines, has_nul: bool, p: Parsed,
              slow_events: list, source: str) -> None:
-        A = np.array(rows)
+        # one byte wider than the longest row: every row ends with a NUL (see _cut_rows)
+        A = np.array(rows, f"S{max(map(len, rows)) + 1}")
         if A.dtype.itemsize == 0:
             A = A.astype("S1")
         m = matrix(A)
@@ -563,7 +577,8 @@ class AccParser:
         p_k = S.find(A, b";code=", starts(p_c))
         ok = (kpos > 0) & (p_m > kpos) & (p_c > p_m) & (p_k > p_c)
         missed = S.startswith(A, b"call missed: ")
-        ok &= ~S.startswith(A, b"call ended: ")
+        ended = S.startswith(A, b"call ended: ")
+        ok &= ~ended
         t, tok = _acc_times(A, m, kpos, p_m, ok)
         ok &= tok
         # the method: INVITE and BYE at a glance, anything else checked as a token
@@ -590,7 +605,7 @@ class AccParser:
             off = offsets[i]
             return chunk[off + 5:chunk.find(b"\n", off)]
 
-        cut = self._cut_rows("acc", A, m, ~S.startswith(A, b"call ended: "), text)
+        cut = self._cut_rows("acc", A, m, ~ended, text)
         ok &= ~cut
         cid = field(A, p_c + 9, p_k, m)
         kok, too_long, odd = key_check(cid, self.key_width, has_nul)
@@ -664,7 +679,7 @@ class AccParser:
 
     def _cdr(self, rows: list[bytes], chunk: bytes, lines: _Lines, has_nul: bool, p: Parsed,
              slow_events: list, source: str, rx: re.Pattern = _CDR_RX) -> None:
-        B = np.array(rows)
+        B = np.array(rows, f"S{max(map(len, rows)) + 1}")
         if B.dtype.itemsize == 0:
             B = B.astype("S1")
         m = matrix(B)
