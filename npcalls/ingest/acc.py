@@ -413,6 +413,17 @@ class _Lines:
         return c[a:b if b >= 0 else len(c)]
 
 
+def too_long_reason(n: int, key_width: int | None) -> str:
+    """Why a Call-ID of ``n`` bytes is refused, with a key width that would hold it if any can."""
+    from ..layout import MAX_KEY_WIDTH
+    if n > MAX_KEY_WIDTH:
+        return (f"line too long: its Call-ID is {n} bytes, more than any table holds "
+                f"(key width at most {MAX_KEY_WIDTH})")
+    return (f"Call-ID is {n} bytes, longer than the table's key width of {key_width} "
+            f"(create the table with a larger key width, e.g. --key-width "
+            f"{min(MAX_KEY_WIDTH, max(n, 2 * (key_width or 0)))})")
+
+
 def _line_text(b: bytes, n: int = 160) -> str:
     s = clean_eol(b).decode("utf-8", "backslashreplace")
     return s if len(s) <= n else s[:n] + "..."
@@ -559,9 +570,7 @@ class AccParser:
                 f"lines of this input carry")
 
     def _too_long_reason(self, n: int) -> str:
-        return (f"Call-ID is {n} bytes, longer than the table's key width of {self.key_width} "
-                f"(create the table with a larger key width, e.g. --key-width "
-                f"{max(n, 2 * (self.key_width or 0))})")
+        return too_long_reason(n, self.key_width)
 
     def _acc(self, rows: list[bytes], chunk: bytes, lines: _Lines, has_nul: bool, p: Parsed,
              slow_events: list, source: str) -> None:

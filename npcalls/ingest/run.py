@@ -9,7 +9,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Sequence
 from .acc import AccParser, Parsed
 from .loader import DEFAULT_BATCH, Loader
 from . import parallel as _par
-from .sources import SourceError, Tail, open_source
+from .sources import SourceError, Tail, TruncatedInput, open_source
 from .summary import Summary
 from .tabular import TabularParser, looks_like_csv_header
 
@@ -219,6 +219,10 @@ def _read_one(path: str, opts: dict, loader: Loader, summary: Summary,
             else:
                 feed.finish()
                 return
+        except TruncatedInput as e:
+            feed.finish()
+            summary.truncated.append(str(e))
+            return
         except SourceError as e:
             summary.errors.append(str(e))
             return

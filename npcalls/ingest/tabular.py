@@ -34,7 +34,7 @@ import numpy as np
 from ..layout import NOT_SET
 from ._vec import (S, UNIT_NS, decimal_ns, field, guess_unit, key_check, parse_column,
                    parse_iso, strip_if_needed)
-from .acc import Parsed, Problem, call_id_problem
+from .acc import Parsed, Problem, call_id_problem, too_long_reason
 
 __all__ = ["TabularParser", "CALL_ID_NAMES", "START_NAMES", "END_NAMES", "TIME_UNITS",
            "TIME_WINDOW", "looks_like_csv_header"]
@@ -136,9 +136,7 @@ class TabularParser:
                                       t if len(t) <= 160 else t[:160] + "..."))
 
     def _too_long(self, n: int) -> str:
-        return (f"Call-ID is {n} bytes, longer than the table's key width of {self.key_width} "
-                f"(create the table with a larger key width, e.g. --key-width "
-                f"{max(n, 2 * (self.key_width or 0))})")
+        return too_long_reason(n, self.key_width)
 
     def _unit(self, i: int, values: np.ndarray) -> str | None:
         if self.time_unit != "auto":
