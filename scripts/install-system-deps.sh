@@ -8,6 +8,8 @@ command -v kamailio >/dev/null 2>&1 || need="$need kamailio"
 [ -e /usr/lib/x86_64-linux-gnu/kamailio/modules/app_python3.so ] || \
     ls /usr/lib/*/kamailio/modules/app_python3.so >/dev/null 2>&1 || need="$need kamailio-python3-modules"
 command -v sipp >/dev/null 2>&1 || need="$need sip-tester"
+# setpriv: the read-only `npcalls check` test drops root's file-mode override with it
+command -v setpriv >/dev/null 2>&1 || need="$need util-linux"
 if [ -n "$need" ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "install-system-deps: need root to install:$need" >&2

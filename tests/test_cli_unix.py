@@ -255,3 +255,62 @@ def test_read_1_line_not_1_lines(cli_env, tmp_path):
     r = _ingest(cli_env, str(f))
     assert r.returncode == 0, r.stderr
     assert b"read 1 line from 1 input" in r.stderr
+
+
+# ---------------------------------------------------------------------- tables: rough edges
+
+@pytest.mark.parametrize("verb", [["info"], ["get", "x"], ["check"], ["dump"], ["grow", "-c", "64"]])
+def test_no_table_names_the_directory_searched(cli_env, verb):
+    r = run(cli_env, verb[0], "nosuch", *verb[1:])
+    one_line_error(r, "no table 'nosuch'", cli_env["NPCALLS_DIR"])
+
+
+def _without_root_powers(cmd: list[str]) -> list[str]:
+    # root ignores file modes: drop the capabilities that let it (util-linux setpriv)
+    if os.geteuid() == 0:
+        return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--", *cmd]
+    return cmd
+
+
+def test_check_runs_read_only_when_it_can_only_read(cli_env):
+    make_demo(cli_env)
+    path = os.path.join(cli_env["NPCALLS_DIR"], "npcalls.demo")
+    for p in (path, path + ".lock"):
+        if os.path.exists(p):
+            os.chmod(p, 0o444)
+    cmd = [sys.executable, "-m", "npcalls", "check", "demo"]
+    probe = subprocess.run(_without_root_powers([sys.executable, "-c",
+                                                 f"open({path!r}, 'r+b')"]),
+                           env=cli_env, capture_output=True)
+    assert probe.returncode != 0 and b"PermissionError" in probe.stderr   # truly read-only
+    r = subprocess.run(_without_root_powers(cmd), env=cli_env, capture_output=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert b"demo: ok (1000 calls)" in r.stdout and b"read-only" in r.stdout
+    r = subprocess.run(_without_root_powers(cmd + ["--repair"]), env=cli_env,
+                       capture_output=True, timeout=120)
+    one_line_error(r, "--repair", "write")
+
+
+def test_a_world_writable_mode_is_warned_about(cli_env):
+    r = run(cli_env, "create", "ww", "--capacity", "64", "--mode", "0666")
+    assert r.returncode == 0, r.stderr
+    err = r.stderr.decode()
+    assert "warning" in err and "world-writable" in err and "0666" in err
+    path = os.path.join(cli_env["NPCALLS_DIR"], "npcalls.ww")
+    assert stat.S_IMODE(os.stat(path).st_mode) & 0o002
+    # check warns about it too, for tables made elsewhere
+    r = run(cli_env, "check", "ww")
+    assert r.returncode == 0 and b"world-writable" in r.stdout, r.stdout + r.stderr
+    r = run(cli_env, "create", "priv", "--capacity", "64", "--mode", "0640")
+    assert r.returncode == 0 and b"warning" not in r.stderr
+
+
+def test_simulate_into_a_full_table_exits_1_and_names_the_verb(cli_env):
+    r = run(cli_env, "create", "small", "--capacity", "16")
+    assert r.returncode == 0
+    r = run(cli_env, "simulate", "small", "--cps", "200", "--duration", "2s",
+            "--mean-hold", "60s", "--workers", "1", "--seed", "1", "-q")
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    assert "rejected" in err and "npcalls grow small" in err and "grow()" not in err

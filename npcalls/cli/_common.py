@@ -25,6 +25,18 @@ def add_table_arg(p: argparse.ArgumentParser) -> None:
                    help="table name (in $NPCALLS_DIR, default /dev/shm) or path (contains '/')")
 
 
+def no_table_message(name: str, hint: str = "") -> str:
+    """"no table 'x' in DIR (...)": says where a bare name was looked for."""
+    from ..storage import resolve
+    try:
+        path = resolve(name)[0]
+    except ValueError as e:
+        return str(e)
+    where = f" in {os.path.dirname(path)}" if "/" not in name else f" ({path} does not exist)"
+    return (f"no table {name!r}{where} (create it with `npcalls create {name} --capacity N`"
+            f"{hint}; bare names live in $NPCALLS_DIR, default /dev/shm)")
+
+
 def open_table(name: str, readonly: bool = True) -> Any:
     """Open a table for a verb, turning a missing table into a one-line error."""
     from ..errors import TableNotFoundError
@@ -32,8 +44,20 @@ def open_table(name: str, readonly: bool = True) -> Any:
     try:
         return CallTable.open(name, readonly=readonly)
     except TableNotFoundError:
-        raise CliError(f"no table {name!r} (create it with `npcalls create {name} "
-                       "--capacity N`)") from None
+        raise CliError(no_table_message(name)) from None
+
+
+def world_writable(name: str) -> list[str]:
+    """The table's files (data, lock) that any local user may write."""
+    from ..storage import resolve
+    out = []
+    for p in resolve(name):
+        try:
+            if os.stat(p).st_mode & 0o002:
+                out.append(p)
+        except OSError:
+            pass
+    return out
 
 
 def read_keys(args_keys: list[str]) -> Iterator[str]:

@@ -51,7 +51,8 @@ def register(sub: Any) -> None:
                     "exponential or lognormal time of mean --mean-hold. --speedup F runs the "
                     "simulated clock F times faster (cps*F calls per wall second, holds / F); "
                     "recorded times are real wall-clock times. Stops after --duration, on "
-                    "Ctrl-C or on SIGTERM, hanging up the calls in progress.")
+                    "Ctrl-C or on SIGTERM, hanging up the calls in progress. Exit 1 if calls "
+                    "were rejected because the table was full.")
     add_table_arg(p)
     p.add_argument("--cps", type=_positive_float, default=200.0,
                    help="call arrivals per (simulated) second (default 200)")

@@ -8,7 +8,8 @@ import signal
 import sys
 from typing import Any
 
-from ._common import EXIT_ERROR, EXIT_NEGATIVE, CliError, add_table_arg, positive_int, stderr_is_tty
+from ._common import (EXIT_ERROR, EXIT_NEGATIVE, CliError, add_table_arg, no_table_message,
+                      positive_int, stderr_is_tty)
 
 _EPILOG = """\
 inputs:
@@ -94,8 +95,7 @@ def _open_table(a: argparse.Namespace) -> Any:
     try:
         return CallTable.open(a.table)
     except TableNotFoundError:
-        raise CliError(f"no table {a.table!r} (create it with `npcalls create {a.table} "
-                       "--capacity N`, or add --create)") from None
+        raise CliError(no_table_message(a.table, ", or add --create")) from None
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:

@@ -95,6 +95,10 @@ def cmd_create(a: argparse.Namespace) -> int:
         raise CliError(f"table {a.table!r} already exists (npcalls unlink {a.table} removes it)")
     print(t, file=sys.stderr)
     t.close()
+    if a.mode & 0o002:
+        print(f"npcalls create: warning: mode {a.mode:04o} makes {a.table!r} world-writable: "
+              "any local user can change or corrupt its calls (0600 or 0660 with a group "
+              "is safer)", file=sys.stderr)
     return 0
 
 
