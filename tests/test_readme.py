@@ -70,3 +70,64 @@ def test_readme_block_runs(section, line, code, tdir, tmp_path):
                            capture_output=True, timeout=300)
         assert r.returncode == 0, (f"README.md:{line} ({section}), run {attempt}:\n"
                                    + r.stderr.decode(errors="replace"))
+
+
+# ---------------------------------------------------------------------- the notebook
+
+def _extra_requirements(extra: str) -> set[str]:
+    """Distribution names an extra of the installed npcalls brings, its own extras expanded."""
+    import importlib.metadata as md
+    reqs = md.requires("npcalls") or []
+    out: set[str] = set()
+    todo = [extra]
+    seen = set()
+    while todo:
+        e = todo.pop()
+        if e in seen:
+            continue
+        seen.add(e)
+        for r in reqs:
+            name, _, marker = r.partition(";")
+            if f'extra == "{e}"' not in marker:
+                continue
+            m = re.match(r"\s*([A-Za-z0-9_.-]+)(\[([^\]]+)\])?", name)
+            if m.group(1) == "npcalls":
+                todo += [x.strip() for x in m.group(3).split(",")]
+            else:
+                out.add(re.sub(r"[-_.]+", "-", m.group(1)).lower())
+    return out
+
+
+def test_the_notebook_extra_provides_every_import_of_the_notebook():
+    import ast
+    import importlib.metadata as md
+    import json
+    nb = json.load(open(os.path.join(ROOT, "notebooks", "live_calls.ipynb"), encoding="utf-8"))
+    mods: set[str] = set()
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        src = "".join(cell["source"])
+        src = "\n".join(ln for ln in src.splitlines() if not ln.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Import):
+                mods |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                mods.add(node.module.split(".")[0])
+    extra = _extra_requirements("notebook")
+    dists = md.packages_distributions()
+    third_party = sorted(m for m in mods if m not in sys.stdlib_module_names and m != "npcalls")
+    assert "duckdb" in third_party
+    for m in third_party:
+        names = {re.sub(r"[-_.]+", "-", d).lower() for d in dists.get(m, [])}
+        assert names & extra, f"the notebook imports {m}, which npcalls[notebook] does not install"
+    assert "notebook" in extra and "ipykernel" in extra
+
+
+def test_the_readme_command_that_opens_the_notebook_exists():
+    text = open(README, encoding="utf-8").read()
+    assert "pip install -e '.[notebook]'" in text
+    assert "jupyter notebook notebooks/live_calls.ipynb" in text
+    jupyter = os.path.join(os.path.dirname(sys.executable), "jupyter")
+    r = subprocess.run([jupyter, "notebook", "--version"], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
