@@ -279,5 +279,6 @@ def _follow(inputs: Iterable[str], opts: dict, loader: Loader, summary: Summary,
             else:
                 time.sleep(poll)
     finally:
-        for tail, _ in tails:
+        for tail, feed in tails:
             tail.close()
+            feed.finish()           # an open quoted CSV record is reported, never dropped
