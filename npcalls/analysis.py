@@ -12,7 +12,9 @@ snapshot for each metric and keeps all answers about one instant.
 
 Time semantics
 --------------
-* Times are UTC, as naive ``datetime64[ns]``; unset times are ``NaT``.
+* Times are tz-aware UTC, ``datetime64[ns, UTC]`` (as in the Parquet export,
+  and what DuckDB and Arrow give); unset times are ``NaT``.  Functions taking a
+  time accept aware ones (converted) and naive ones (read as UTC).
 * A call is *up* from its start (inclusive) to its end (exclusive).  An active
   call (started, not ended) is up through *now*: the instant its snapshot was
   taken (``df.attrs["now"]``), or the ``now`` a function is given.
@@ -96,6 +98,17 @@ def _ns(value: Any, what: str) -> int:
     return int(ts.as_unit("ns").value)
 
 
+def _utc(ns: np.ndarray) -> Any:
+    """int64 ns (NOT_SET = NaT) as a tz-aware UTC DatetimeIndex."""
+    pd = _pandas()
+    return pd.DatetimeIndex(np.asarray(ns, np.int64).view("datetime64[ns]")).tz_localize("UTC")
+
+
+def _utc_ts(ns: int) -> Any:
+    pd = _pandas()
+    return pd.NaT if ns == NOT_SET else pd.Timestamp(int(ns), tz="UTC")
+
+
 def _step_ns(freq: Any) -> int:
     """A fixed frequency ("1s", "5min", Timedelta, int ns) as int nanoseconds."""
     if isinstance(freq, (int, np.integer)) and not isinstance(freq, (bool, np.bool_)):
@@ -160,7 +173,7 @@ def to_pandas(calls: Any, *, now: Any = None) -> "pd.DataFrame":
     Returns
     -------
     pandas.DataFrame
-        ``call_id`` (str), ``start`` and ``end`` (datetime64[ns], UTC, NaT
+        ``call_id`` (str), ``start`` and ``end`` (datetime64[ns, UTC], NaT
         when unset), ``duration`` (timedelta64[ns], NaT unless both times are
         set), ``state`` (categorical: empty, active, end-only, ended).
         ``attrs`` holds ``now`` (pandas.Timestamp) and ``table`` (the path,
@@ -175,7 +188,7 @@ def to_pandas(calls: Any, *, now: Any = None) -> "pd.DataFrame":
     if isinstance(calls, pd.DataFrame):
         if now is not None:
             calls = calls.copy(deep=False)
-            calls.attrs["now"] = pd.Timestamp(_ns(now, "now"))
+            calls.attrs["now"] = _utc_ts(_ns(now, "now"))
         return calls
     table = None
     if _is_table(calls):
@@ -199,12 +212,12 @@ def to_pandas(calls: Any, *, now: Any = None) -> "pd.DataFrame":
     codes = has_s.view(np.int8) + 2 * has_e.view(np.int8)
     df = pd.DataFrame({
         "call_id": _decode_keys(snap["key"]),
-        "start": st.view("datetime64[ns]"),
-        "end": en.view("datetime64[ns]"),
+        "start": _utc(st).array,
+        "end": _utc(en).array,
         "duration": dur.view("timedelta64[ns]"),
         "state": pd.Categorical.from_codes(codes, categories=list(STATES)),
     }, copy=False)
-    df.attrs["now"] = pd.Timestamp(now_ns)
+    df.attrs["now"] = _utc_ts(now_ns)
     if table is not None:
         df.attrs["table"] = table
     return df
@@ -296,7 +309,7 @@ def long_running(calls: Any, min_duration: Any = "1h", *, now: Any = None,
     df = _frame(calls)
     now_ns = _now_of(df, now)
     lim = _dur_ns(min_duration)
-    st = df["start"].to_numpy("datetime64[ns]").view(np.int64)
+    st = _col_ns(df["start"])
     dur = df["duration"].to_numpy("timedelta64[ns]").view(np.int64)
     code = df["state"].cat.codes.to_numpy()
     age = np.full(len(df), NOT_SET, np.int64)
@@ -384,8 +397,7 @@ def arrivals(calls: Any, freq: Any = None, *, start: Any = None,
     st, _, _ = _times(calls)
     st = st[st != NOT_SET]
     if not len(st) and (start is None or end is None):
-        s = pd.Series([], index=pd.DatetimeIndex([], dtype="datetime64[ns]"), dtype=np.int64,
-                      name="arrivals")
+        s = pd.Series([], index=_utc(np.empty(0, np.int64)), dtype=np.int64, name="arrivals")
         s.attrs["freq_ns"] = _step_ns(freq) if freq is not None else _S
         return s
     lo = _ns(start, "start") if start is not None else int(st.min())
@@ -394,7 +406,7 @@ def arrivals(calls: Any, freq: Any = None, *, start: Any = None,
     first, n = _grid_bounds(lo, hi, step)
     st = st[(st >= first) & (st < first + n * step)]
     counts = np.bincount((st - first) // step, minlength=n)[:n].astype(np.int64)
-    idx = pd.DatetimeIndex((first + step * np.arange(n, dtype=np.int64)).view("datetime64[ns]"))
+    idx = _utc(first + step * np.arange(n, dtype=np.int64))
     s = pd.Series(counts, index=idx, name="arrivals")
     s.attrs["freq_ns"] = step
     return s
@@ -522,7 +534,7 @@ def peak_concurrency(calls: Any, *, now: Any = None) -> Peak:
     st, en, now_ns = _times(calls, now)
     s, e = _up_intervals(st, en, now_ns)
     c, at = _peak(s, e)
-    return Peak(c, pd.Timestamp(at) if at != NOT_SET else pd.NaT)
+    return Peak(c, _utc_ts(at))
 
 
 def concurrency(calls: Any, freq: Any = None, *, times: Any = None, start: Any = None,
@@ -596,10 +608,8 @@ def concurrency(calls: Any, freq: Any = None, *, times: Any = None, start: Any =
                 seg = np.flatnonzero(np.concatenate(([True], b[1:] != b[:-1])))
                 bb = b[seg]
                 vals[bb] = np.maximum(vals[bb], np.maximum.reduceat(v, seg))
-    out = pd.Series(vals, index=pd.DatetimeIndex(t_ns.view("datetime64[ns]")),
-                    name="concurrency")
-    out.attrs.update(peak=peak, peak_at=pd.Timestamp(peak_at) if peak_at != NOT_SET else pd.NaT,
-                     now=pd.Timestamp(now_ns), freq_ns=step)
+    out = pd.Series(vals, index=_utc(t_ns), name="concurrency")
+    out.attrs.update(peak=peak, peak_at=_utc_ts(peak_at), now=_utc_ts(now_ns), freq_ns=step)
     return out
 
 

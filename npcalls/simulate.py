@@ -394,15 +394,21 @@ def main_from_args(a: Any) -> int:
         if progress is not None:
             print(file=sys.stderr)
     except TableNotFoundError:
-        raise CliError(f"no table {a.table!r} (add --create, or `npcalls create {a.table} "
-                       "--capacity N`)") from None
-    for e in res.errors + res.warnings:
+        from .cli._common import no_table_message
+        raise CliError(no_table_message(a.table, ", or add --create")) from None
+    for e in res.errors:
         print(f"npcalls simulate: {e}", file=sys.stderr)
     print(f"npcalls simulate: {res.summary()}", file=sys.stderr)
+    if res.rejected:
+        print(f"npcalls simulate: {res.rejected:,} calls rejected: the table is full; "
+              f"`npcalls grow {a.table} --capacity N` makes room online (or run with "
+              "--expire-after)", file=sys.stderr)
     if a.json:
         import json
         print(json.dumps(res.__dict__))
-    return 2 if res.errors else 0
+    if res.errors:
+        return 2
+    return 1 if res.rejected else 0
 
 
 def churn(table: Any, cycles: int, active: int, batch: int = 50_000, seed: int = 0) -> None:

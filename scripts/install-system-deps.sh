@@ -10,6 +10,8 @@ command -v kamailio >/dev/null 2>&1 || need="$need kamailio"
 command -v sipp >/dev/null 2>&1 || need="$need sip-tester"
 # Prometheus: the exporter is tested against a real server (tests/test_prometheus.py)
 command -v prometheus >/dev/null 2>&1 || need="$need prometheus"
+# setpriv: the read-only `npcalls check` test drops root's file-mode override with it
+command -v setpriv >/dev/null 2>&1 || need="$need util-linux"
 if [ -n "$need" ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "install-system-deps: need root to install:$need" >&2

@@ -54,6 +54,20 @@ def tdir(monkeypatch) -> str:
 
 
 @pytest.fixture
+def cli_env(tdir) -> dict:
+    """Environment for ``npcalls`` subprocesses: this test's own $NPCALLS_DIR (see ``tdir``).
+
+    Tables are large (a default ``--create`` is 96 MB): they live under
+    /dev/shm and are removed when the test ends, never left in pytest's
+    temporary directory.
+    """
+    env = dict(os.environ, NPCALLS_DIR=tdir)
+    env.pop("TERM", None)
+    env.pop("NPCALLS_DEBUG", None)
+    return env
+
+
+@pytest.fixture
 def name() -> str:
     """A table name no other test uses (a name, not a path: resolved via NPCALLS_DIR)."""
     return f"t{next(_names)}-{uuid.uuid4().hex[:10]}"

@@ -562,7 +562,8 @@ def test_truncated_gzip_is_an_input_error_not_a_crash(make_table, tmp_path):
     packed = gzip.compress(b.text())
     t = make_table(8192)
     s = _load_bytes(t, packed[:len(packed) // 2], tmp_path)
-    assert s.errors and "acc.log" in s.errors[0]
+    assert s.truncated and "acc.log" in s.truncated[0] and not s.ok
+    assert 0 < s.lines < b.text().count(b"\n")        # the readable prefix was loaded
 
 
 def test_parallel_parsing_matches_one_process(make_table, tmp_path, monkeypatch):

@@ -21,16 +21,6 @@ LOG = os.path.join(DATA, "kamailio-acc.log")
 MS = 1_000_000
 
 
-@pytest.fixture
-def cli_env(tmp_path):
-    """Environment for npcalls subprocesses: a private $NPCALLS_DIR."""
-    d = tmp_path / "tables"
-    d.mkdir()
-    env = dict(os.environ, NPCALLS_DIR=str(d))
-    env.pop("TERM", None)
-    return env
-
-
 def run(env, *args, stdin: bytes | None = None, timeout: float = 60):
     return subprocess.run([sys.executable, "-m", "npcalls", *args], env=env, input=stdin,
                           capture_output=True, timeout=timeout)

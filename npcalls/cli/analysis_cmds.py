@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._common import add_table_arg, duration_arg, open_table, positive_int
+from ._common import add_table_arg, duration_arg, need_extra, open_table, positive_int
 
 
 def _positive_float(text: str) -> float:
@@ -51,7 +51,8 @@ def register(sub: Any) -> None:
                     "exponential or lognormal time of mean --mean-hold. --speedup F runs the "
                     "simulated clock F times faster (cps*F calls per wall second, holds / F); "
                     "recorded times are real wall-clock times. Stops after --duration, on "
-                    "Ctrl-C or on SIGTERM, hanging up the calls in progress.")
+                    "Ctrl-C or on SIGTERM, hanging up the calls in progress. Exit 1 if calls "
+                    "were rejected because the table was full.")
     add_table_arg(p)
     p.add_argument("--cps", type=_positive_float, default=200.0,
                    help="call arrivals per (simulated) second (default 200)")
@@ -83,6 +84,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_top(a: argparse.Namespace) -> int:
+    need_extra("rich")
     from ..top import run_top
     with open_table(a.table, readonly=True) as t:
         return run_top(t, interval=a.interval, rows=a.rows, once=a.once)

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any
 
-from ._common import CliError
+from ._common import CliError, command_name
 
 DATA = "kamailio-acc.log.gz"
 
@@ -76,9 +76,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
                 s0, e0 = int(snap["start"][i]), int(snap["end"][i])
                 d = f"{(e0 - s0) / 1e9:.3f}" if NOT_SET not in (s0, e0) else ""
                 print(f"{k:<28} {format_ns(s0):<28} {format_ns(e0):<28} {d}", file=out)
-        print(f"\nexplore it: npcalls info {a.table}; npcalls get {a.table} "
-              f"{snap['key'][order[0]].decode() if len(order) else 'CALL-ID'}; "
-              f"npcalls dump {a.table} | head", file=out)
+        import shlex
+        cmd = command_name()
+        tbl = shlex.quote(a.table)
+        one = shlex.quote(snap["key"][order[0]].decode()) if len(order) else "CALL-ID"
+        print(f"\nexplore it: {cmd} info {tbl}; {cmd} get {tbl} {one}; "
+              f"{cmd} dump {tbl} | head", file=out)
     finally:
         t.close()
     return 0 if s.ok else 1

@@ -8,7 +8,8 @@ import signal
 import sys
 from typing import Any
 
-from ._common import EXIT_ERROR, EXIT_NEGATIVE, CliError, add_table_arg, positive_int, stderr_is_tty
+from ._common import (EXIT_ERROR, EXIT_NEGATIVE, CliError, add_table_arg, no_table_message,
+                      positive_int, stderr_is_tty)
 
 _EPILOG = """\
 inputs:
@@ -23,8 +24,9 @@ inputs:
 
 exit status:
   0  every line loaded or deliberately ignored
-  1  some lines were bad (or Call-IDs too long for the table), or nothing
-     in the input was a call; everything else was loaded
+  1  some lines were bad (or Call-IDs too long for the table), a compressed
+     input was truncated (the lines before the damage were loaded), or no line
+     of the input was a call (an empty input too); everything else was loaded
   2  error: no such table, an unreadable input, bad usage, table full
 
 examples:
@@ -93,8 +95,7 @@ def _open_table(a: argparse.Namespace) -> Any:
     try:
         return CallTable.open(a.table)
     except TableNotFoundError:
-        raise CliError(f"no table {a.table!r} (create it with `npcalls create {a.table} "
-                       "--capacity N`, or add --create)") from None
+        raise CliError(no_table_message(a.table, ", or add --create")) from None
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
@@ -138,11 +139,12 @@ def cmd_ingest(a: argparse.Namespace) -> int:
         return 130
     if s.errors:
         return EXIT_ERROR
-    if s.bad or s.too_long:
+    if s.bad or s.too_long or s.truncated:
         return EXIT_NEGATIVE
-    if s.lines and not (s.acc_lines or s.cdr_lines or s.records):
+    if not (s.acc_lines or s.cdr_lines or s.records) and not a.follow:
         if not a.quiet:
-            print("npcalls ingest: no acc, CDR or CSV/JSON call lines in the input "
-                  "(is --format right?)", file=sys.stderr)
+            print("npcalls ingest: no acc, CDR or CSV/JSON call lines in the input"
+                  + (" (is --format right?)" if s.lines else " (it is empty)"),
+                  file=sys.stderr)
         return EXIT_NEGATIVE
     return 0

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from ._common import (EXIT_NEGATIVE, CliError, add_table_arg, duration_arg, open_table,
-                      out_stream, positive_int)
+                      out_stream, positive_int, world_writable)
 
 
 def _cutoff(text: str) -> Any:
@@ -73,15 +73,25 @@ def register(sub: Any) -> None:
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    t = open_table(a.table, readonly=False)
+    try:
+        t = open_table(a.table, readonly=False)
+    except PermissionError as e:
+        # checking needs to read only: without write permission, check read-only
+        if a.repair:
+            raise CliError(f"--repair needs write permission on the table: {e}") from None
+        t = open_table(a.table, readonly=True)
     with t:
         r = t.check(repair=a.repair)
+    warnings = [f"{p} is world-writable: any local user can change or corrupt it "
+                f"(chmod o-w {p})" for p in world_writable(a.table)]
     if a.json:
-        print(json.dumps(r._asdict()))
+        d = r._asdict()
+        d["warnings"] = warnings
+        print(json.dumps(d))
     else:
         print(f"{a.table}: {'ok' if r.ok else 'PROBLEMS'} ({r.calls} calls)")
         for label, items in (("problem", r.problems), ("note", r.notes),
-                             ("repaired", r.repaired)):
+                             ("repaired", r.repaired), ("warning", warnings)):
             for item in items:
                 print(f"  {label}: {item}")
     return 0 if r.ok else EXIT_NEGATIVE

@@ -7,8 +7,8 @@ import json
 import sys
 from typing import Any
 
-from ._common import (EXIT_NEGATIVE, CliError, add_table_arg, mode_arg, open_table, out_stream,
-                      positive_int, read_keys, time_arg)
+from ._common import (EXIT_NEGATIVE, CliError, add_table_arg, mode_arg, need_extra, open_table,
+                      out_stream, positive_int, read_keys, time_arg)
 
 
 def register(sub: Any) -> None:
@@ -95,6 +95,10 @@ def cmd_create(a: argparse.Namespace) -> int:
         raise CliError(f"table {a.table!r} already exists (npcalls unlink {a.table} removes it)")
     print(t, file=sys.stderr)
     t.close()
+    if a.mode & 0o002:
+        print(f"npcalls create: warning: mode {a.mode:04o} makes {a.table!r} world-writable: "
+              "any local user can change or corrupt its calls (0600 or 0660 with a group "
+              "is safer)", file=sys.stderr)
     return 0
 
 
@@ -189,10 +193,14 @@ def cmd_dump(a: argparse.Namespace) -> int:
     if a.format == "parquet":
         if a.output in (None, "-") and sys.stdout.isatty():
             raise CliError("refusing to write Parquet to a terminal; use -o FILE or a pipe")
+        need_extra("pyarrow")
         import os
         name = os.path.basename(a.table)
-        with out_stream(a.output, binary=True) as s:
-            export.write_parquet(snap, s, table=name, host=a.host)
+        if a.output in (None, "-"):
+            # written to stdout's buffer, which stays open (main() flushes it)
+            export.write_parquet(snap, sys.stdout.buffer, table=name, host=a.host)
+        else:
+            export.write_parquet(snap, a.output, table=name, host=a.host)
         return 0
     stream = out_stream(a.output)
     try:

@@ -40,12 +40,26 @@ Meaning of lines (see DESIGN.md, "Field facts")
   401/407, CANCELled with 487) start nothing;
 * a CDR with ``duration=0`` belongs to a dialog that was never answered;
 * every other acc line (ACK, CANCEL, OPTIONS, ...) is a good line with no event.
+
+Lines cut short
+---------------
+A line cut in the middle (a crash, a full disk, a syslog size limit) must
+never give a call: cut inside a Call-ID that ends the line, it would give a
+phantom Call-ID, a prefix of the real one.  So a line of a kind (acc
+transaction line, CDR line) whose field names are a strict prefix of the
+field names the other lines of that kind carry in the same input is a bad
+line, whatever the parsers would make of it.  The shape of a kind is taken
+from the input's first chunk (its most common last field; a longer line of
+the same shape replaces it); the check costs one backwards search per line,
+and only lines whose last field differs are looked at closely.  A cut inside
+the last field's value leaves every field there: that line is good (its
+Call-ID, if it is the last field, cannot be told from a complete one).
 """
 
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -277,6 +291,31 @@ def parse_acc_text(rest: bytes) -> tuple:
     return (NONE,)
 
 
+def field_names(kind: str, text: bytes) -> list[bytes]:
+    """The names of a line's fields, in order (``kind`` "acc": the text after ``ACC: ``;
+    "cdr": the text after `` start_time=``)."""
+    text = clean_eol(text)
+    if kind == "acc":
+        _, sep, text = text.partition(b": ")
+        if not sep:
+            return []
+    else:
+        text = b"start_time=" + text
+    out = []
+    for part in text.split(b";"):
+        name, eq, _ = part.partition(b"=")
+        if eq:
+            out.append(name.strip())
+    return out
+
+
+def _last_token(text: bytes) -> bytes:
+    """What follows a line's last ';', up to and including the next '=' (b"" if none)."""
+    tail = clean_eol(text).rpartition(b";")[2]
+    name, eq, _ = tail.partition(b"=")
+    return name + eq if eq else b""
+
+
 def _opensips_cdr(f: dict[bytes, bytes], body: bytes) -> tuple:
     cid = _call_id(body, f)
     if cid is None:
@@ -374,6 +413,17 @@ class _Lines:
         return c[a:b if b >= 0 else len(c)]
 
 
+def too_long_reason(n: int, key_width: int | None) -> str:
+    """Why a Call-ID of ``n`` bytes is refused, with a key width that would hold it if any can."""
+    from ..layout import MAX_KEY_WIDTH
+    if n > MAX_KEY_WIDTH:
+        return (f"line too long: its Call-ID is {n} bytes, more than any table holds "
+                f"(key width at most {MAX_KEY_WIDTH})")
+    return (f"Call-ID is {n} bytes, longer than the table's key width of {key_width} "
+            f"(create the table with a larger key width, e.g. --key-width "
+            f"{min(MAX_KEY_WIDTH, max(n, 2 * (key_width or 0)))})")
+
+
 def _line_text(b: bytes, n: int = 160) -> str:
     s = clean_eol(b).decode("utf-8", "backslashreplace")
     return s if len(s) <= n else s[:n] + "..."
@@ -397,6 +447,8 @@ class AccParser:
         self.kept = 0
         self._in_pass = 0
         self._bol_cdr = False
+        # per kind: the field names of a whole line, and its last field's "name="
+        self._shape: dict[str, tuple[list[bytes], bytes] | None] = {"acc": None, "cdr": None}
 
     # one chunk -------------------------------------------------------------
 
@@ -464,14 +516,66 @@ class AccParser:
             p.problems.append(Problem(source, lines.number(off), kind, reason,
                                       _line_text(lines.text(off))))
 
+    def _cut_rows(self, kind: str, A: np.ndarray, m: np.ndarray, cand: np.ndarray,
+                  text: "Callable[[int], bytes]") -> np.ndarray:
+        """Rows lacking fields that the other lines of this kind carry (lines cut short).
+
+        ``A`` must have a NUL after every row (an itemsize above the longest row).
+        """
+        cut = np.zeros(len(A), bool)
+        if not cand.any():
+            return cut
+        a = S.rfind(A, b";") + 1
+        shape = self._shape[kind]
+        if shape is None:
+            # the most common last field of the input's first lines gives the shape
+            first = np.flatnonzero(cand)[:1000]
+            g = gather(m, a[first], None, 24, first)
+            g *= np.cumprod((g != 61) & (g != 0), axis=1, dtype=np.uint8)   # up to "=" or the end
+            keys = g.view("S24").reshape(-1)
+            vals, counts = np.unique(keys, return_counts=True)
+            i = int(first[np.flatnonzero(keys == vals[np.argmax(counts)])[0]])
+            shape = self._shape[kind] = field_names(kind, text(i)), _last_token(text(i))
+            if not shape[0] or not shape[1]:
+                self._shape[kind] = None
+                return cut
+        names: dict[int, list[bytes]] = {}
+        for _ in range(3):
+            ref, token = shape
+            pat = np.frombuffer(token, np.uint8)
+            same = (gather(m, a, None, len(pat)) == pat).all(axis=1)
+            sus = np.flatnonzero(cand & ~same).tolist()
+            for i in sus:
+                if i not in names:
+                    names[i] = field_names(kind, text(i))
+            longer = [i for i in sus if len(names[i]) > len(ref) and names[i][:len(ref)] == ref]
+            if not longer:
+                break
+            # the shape seen so far was itself a line cut short
+            i = max(longer, key=lambda j: len(names[j]))
+            shape = self._shape[kind] = names[i], _last_token(text(i))
+        for i in sus:
+            nm = names[i]
+            if len(nm) < len(ref) and nm == ref[:len(nm)]:
+                cut[i] = True
+        return cut
+
+    def _cut_reason(self, kind: str, text: bytes) -> str:
+        ref = (self._shape[kind] or ([], b""))[0]
+        have = len(field_names(kind, text))
+        missing = b", ".join(ref[have:have + 3]).decode("utf-8", "backslashreplace")
+        more = ", ..." if len(ref) - have > 3 else ""
+        what = "acc" if kind == "acc" else "CDR"
+        return (f"{what} line cut short: it lacks {missing}{more}, which the other {what} "
+                f"lines of this input carry")
+
     def _too_long_reason(self, n: int) -> str:
-        return (f"Call-ID is {n} bytes, longer than the table's key width of {self.key_width} "
-                f"(create the table with a larger key width, e.g. --key-width "
-                f"{max(n, 2 * (self.key_width or 0))})")
+        return too_long_reason(n, self.key_width)
 
     def _acc(self, rows: list[bytes], chunk: bytes, lines: _Lines, has_nul: bool, p: Parsed,
              slow_events: list, source: str) -> None:
-        A = np.array(rows)
+        # one byte wider than the longest row: every row ends with a NUL (see _cut_rows)
+        A = np.array(rows, f"S{max(map(len, rows)) + 1}")
         if A.dtype.itemsize == 0:
             A = A.astype("S1")
         m = matrix(A)
@@ -482,7 +586,8 @@ class AccParser:
         p_k = S.find(A, b";code=", starts(p_c))
         ok = (kpos > 0) & (p_m > kpos) & (p_c > p_m) & (p_k > p_c)
         missed = S.startswith(A, b"call missed: ")
-        ok &= ~S.startswith(A, b"call ended: ")
+        ended = S.startswith(A, b"call ended: ")
+        ok &= ~ended
         t, tok = _acc_times(A, m, kpos, p_m, ok)
         ok &= tok
         # the method: INVITE and BYE at a glance, anything else checked as a token
@@ -498,6 +603,19 @@ class AccParser:
         g = gather(m, p_k + 6, None, 4)
         ok &= ((g[:, :3] >= 48) & (g[:, :3] <= 57)).all(axis=1) & ((g[:, 3] == 59) | (g[:, 3] == 0))
         c0 = g[:, 0]
+        offsets: list[int] | None = None
+
+        def text(i: int) -> bytes:
+            nonlocal offsets
+            if len(rows[i]) < _REST:
+                return rows[i]
+            if offsets is None:
+                offsets = [x.start() for x in _ACC_RX.finditer(chunk)]
+            off = offsets[i]
+            return chunk[off + 5:chunk.find(b"\n", off)]
+
+        cut = self._cut_rows("acc", A, m, ~ended, text)
+        ok &= ~cut
         cid = field(A, p_c + 9, p_k, m)
         kok, too_long, odd = key_check(cid, self.key_width, has_nul)
         ok &= ~odd
@@ -509,14 +627,13 @@ class AccParser:
         end_row = good & two & is_bye
         p.failed += int(np.count_nonzero(good & (missed | (is_inv & ~two))))
         p.acc_lines += int(np.count_nonzero(good))
-        offsets: list[int] | None = None
         # a Call-ID too long for the table matters only on a line that starts
         # or ends a call; other lines (failed calls, ACKs) are good lines
         tl = np.flatnonzero(ok & too_long & two & (is_inv | is_bye))
         p.acc_lines += int(np.count_nonzero(ok & too_long)) - len(tl)
         p.failed += int(np.count_nonzero(ok & too_long & (missed | (is_inv & ~two))))
         slow = np.flatnonzero(~ok)
-        if len(tl) or len(slow):
+        if (len(tl) or len(slow)) and offsets is None:
             offsets = [m.start() for m in _ACC_RX.finditer(chunk)]
         for i in tl.tolist():
             self._problem(p, "too_long", self._too_long_reason(len(cid[i])), source, lines,
@@ -527,6 +644,9 @@ class AccParser:
             if len(row) >= _REST:       # the capture stopped short of the line's end
                 row = chunk[off + 5:chunk.find(b"\n", off)]
             r = parse_acc_text(row)
+            if cut[i] and r[0] not in (BAD, IGNORED):
+                self._problem(p, "bad", self._cut_reason("acc", row), source, lines, off)
+                continue
             self._slow_outcome(r, i, p, slow_events, source, lines, off, "acc")
         ev = start_row | end_row
         keys = cid[ev]
@@ -568,11 +688,24 @@ class AccParser:
 
     def _cdr(self, rows: list[bytes], chunk: bytes, lines: _Lines, has_nul: bool, p: Parsed,
              slow_events: list, source: str, rx: re.Pattern = _CDR_RX) -> None:
-        B = np.array(rows)
+        B = np.array(rows, f"S{max(map(len, rows)) + 1}")
         if B.dtype.itemsize == 0:
             B = B.astype("S1")
         m = matrix(B)
         st, en, dstart, ok, cand = _cdr_times(B, m)
+        offsets: list[int] | None = None
+
+        def text(i: int) -> bytes:
+            nonlocal offsets
+            if len(rows[i]) < _REST:
+                return rows[i]
+            if offsets is None:
+                offsets = [x.start(1) for x in rx.finditer(chunk)]
+            off = offsets[i]
+            return chunk[off:chunk.find(b"\n", off)]
+
+        cut = self._cut_rows("cdr", B, m, cand, text)
+        ok &= ~cut
         # the duration only matters as zero (a dialog never answered: Kamailio
         # writes "0") or not; its digits are checked, not converted
         du_end = S.find(B, b";", starts(dstart))
@@ -597,8 +730,7 @@ class AccParser:
         p.cdr_lines += int(np.count_nonzero(ok & too_long)) - len(tl)
         p.failed += int(np.count_nonzero(ok & too_long & (du == 0)))
         slow = np.flatnonzero(~ok & cand)
-        offsets: list[int] | None = None
-        if len(tl) or len(slow):
+        if (len(tl) or len(slow)) and offsets is None:
             # where each row's text starts (inside its line, for line numbers)
             offsets = [m.start(1) for m in rx.finditer(chunk)]
         for i in tl.tolist():
@@ -610,6 +742,9 @@ class AccParser:
             if len(row) >= _REST:
                 row = chunk[off:chunk.find(b"\n", off)]
             r = parse_cdr_text(row)
+            if cut[i] and r[0] != BAD:
+                self._problem(p, "bad", self._cut_reason("cdr", row), source, lines, off)
+                continue
             self._slow_outcome(r, i, p, slow_events, source, lines, off, "cdr")
         keys, s2, e2 = cid[answered], st[answered], en[answered]
         if slow_events:

@@ -9,7 +9,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Sequence
 from .acc import AccParser, Parsed
 from .loader import DEFAULT_BATCH, Loader
 from . import parallel as _par
-from .sources import SourceError, Tail, open_source
+from .sources import SourceError, Tail, TruncatedInput, open_source
 from .summary import Summary
 from .tabular import TabularParser, looks_like_csv_header
 
@@ -76,6 +76,14 @@ class _Feed:
             return
         self.line += p.lines
         self.loader.add(p)
+
+    def finish(self) -> None:
+        """The input ended: what a parser still holds (an open quoted CSV record) is reported."""
+        end = getattr(self.parser, "finish", None)
+        if end is not None and not self.failed:
+            p = end(self.name)
+            if p is not None:
+                self.loader.add(p)
 
 
 def ingest(table: Any, inputs: Sequence[str], *, format: str = "auto",
@@ -195,6 +203,9 @@ def _read_one(path: str, opts: dict, loader: Loader, summary: Summary,
     jobs = opts.get("jobs") or 1
     big = (jobs > 1 and path != "-" and src.compression is None and src.size is not None
            and src.size >= _par.PARALLEL_MIN)
+    # CSV records may span lines (quoted newlines), so a CSV file cannot be cut
+    # into ranges at arbitrary newlines: it is parsed here, in order.
+    big_ok = lambda: not (isinstance(feed.parser, TabularParser) and feed.parser.fmt == "csv")
     with src:
         try:
             for chunk in src.chunks():
@@ -203,10 +214,15 @@ def _read_one(path: str, opts: dict, loader: Loader, summary: Summary,
                 report()
                 if feed.failed:
                     return
-                if big:
+                if big and big_ok():
                     break
             else:
+                feed.finish()
                 return
+        except TruncatedInput as e:
+            feed.finish()
+            summary.truncated.append(str(e))
+            return
         except SourceError as e:
             summary.errors.append(str(e))
             return
@@ -263,5 +279,6 @@ def _follow(inputs: Iterable[str], opts: dict, loader: Loader, summary: Summary,
             else:
                 time.sleep(poll)
     finally:
-        for tail, _ in tails:
+        for tail, feed in tails:
             tail.close()
+            feed.finish()           # an open quoted CSV record is reported, never dropped

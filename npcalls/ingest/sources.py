@@ -17,7 +17,7 @@ import os
 import sys
 from typing import BinaryIO, Iterator
 
-__all__ = ["CHUNK", "Source", "SourceError", "open_source", "Tail"]
+__all__ = ["CHUNK", "Source", "SourceError", "TruncatedInput", "open_source", "Tail"]
 
 CHUNK = 4 << 20
 """Bytes read at a time: large enough to amortise per-call costs, small enough for the caches."""
@@ -27,6 +27,10 @@ _MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
 
 class SourceError(OSError):
     """An input cannot be opened or read (the message names it)."""
+
+
+class TruncatedInput(SourceError):
+    """A compressed input ends early; the chunks before were yielded (the message names it)."""
 
 
 def _peek(f: BinaryIO, n: int) -> bytes:
@@ -75,6 +79,9 @@ class Source:
         """
         size = size or CHUNK
         read = self.stream.read
+        if self.compression is not None:
+            yield from self._decompressed(size)
+            return
         if self.size is None and self.compression is None and hasattr(self.stream, "read1"):
             read = self._read_available      # a pipe: do not wait for a full chunk
         elif hasattr(self.stream, "readline"):
@@ -109,6 +116,39 @@ class Source:
             yield data if cut == len(data) else data[:cut]
         if carry:
             yield carry + b"\n"
+
+    def _decompressed(self, size: int) -> Iterator[bytes]:
+        """Chunks of a compressed input, read a block at a time so that a damaged or
+        truncated end costs only the lines after the last good block."""
+        parts: list[bytes] = []
+        n = 0
+        carry = b""
+        err: BaseException | None = None
+        while True:
+            try:
+                data = self.stream.read1(size)  # type: ignore[attr-defined]
+            except (OSError, EOFError, ValueError) as e:
+                err = e
+                data = b""
+            if data:
+                parts.append(data)
+                n += len(data)
+                if n < size:
+                    continue
+            buf = carry + b"".join(parts)
+            parts, n = [], 0
+            if data:
+                cut = buf.rfind(b"\n") + 1
+                carry = buf[cut:]
+                if cut:
+                    yield buf[:cut]
+                continue
+            if buf:                      # the end (or the damage): the last line as it is
+                yield buf if buf.endswith(b"\n") else buf + b"\n"
+            if err is not None:
+                raise TruncatedInput(f"{self.name}: truncated or damaged {self.compression} "
+                                     f"data: {err}") from None
+            return
 
     def _read_available(self, size: int) -> bytes:
         """Read at least one byte, then whatever more is ready now, up to ``size``.

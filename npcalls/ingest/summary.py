@@ -42,6 +42,9 @@ class Summary:
         The first ``bad`` and ``too_long`` lines, with file and line number.
     errors : list of str
         Inputs that could not be read at all.
+    truncated : list of str
+        Compressed inputs that end early (a .gz cut short): the lines before
+        the damage were loaded.
     seconds : float
         Wall-clock time of the load.
     key_width : int or None
@@ -64,6 +67,7 @@ class Summary:
     too_long: int = 0
     problems: list = field(default_factory=list)
     errors: list = field(default_factory=list)
+    truncated: list = field(default_factory=list)
     seconds: float = 0.0
     key_width: int | None = None
     interrupted: bool = False
@@ -75,7 +79,7 @@ class Summary:
     @property
     def ok(self) -> bool:
         """True when every line was loaded or deliberately ignored, and every input read."""
-        return not (self.bad or self.too_long or self.errors)
+        return not (self.bad or self.too_long or self.errors or self.truncated)
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -87,7 +91,8 @@ class Summary:
         """A few lines for a terminal (what ``npcalls ingest`` prints on stderr)."""
         n_src = len(self.sources)
         rate = f"{self.lines_per_second:,.0f} lines/s" if self.seconds > 0 else ""
-        out = [f"read {self.lines:,} lines from {n_src} input{'s' if n_src != 1 else ''} "
+        out = [f"read {self.lines:,} line{'s' if self.lines != 1 else ''} from {n_src} "
+               f"input{'s' if n_src != 1 else ''} "
                f"in {self.seconds:.2f} s" + (f" ({rate})" if rate else "")]
         kinds = []
         if self.acc_lines or self.cdr_lines or not self.records:
@@ -112,7 +117,10 @@ class Summary:
         if self.too_long:
             kw = f" (now {self.key_width})" if self.key_width else ""
             out.append(f"  hint: Call-IDs are never truncated; create the table with a larger "
-                       f"key width{kw}: npcalls create NAME --capacity N --key-width W")
+                       f"key width{kw}: npcalls create NAME --capacity N --key-width W "
+                       f"(W at most 4096)")
+        for e in self.truncated:
+            out.append(f"  truncated: {e} (the lines before were loaded)")
         for e in self.errors:
             out.append(f"  error: {e}")
         return "\n".join(out)

@@ -8,6 +8,14 @@ or ISO 8601; the unit is guessed per column from the first rows unless given.
 An empty time means "not known" (``npcalls dump`` writes active calls with an
 empty end), so a row needs a Call-ID and at least one time.
 
+A row is bad (counted, shown with ``file:line``, never stored) when its end is
+before its start, or when a time lies outside :data:`TIME_WINDOW`
+(2000-01-01 to 2100-01-01 UTC): such times come from a wrong column, a wrong
+unit or a damaged line, never from a real CDR.  Quoted fields may hold
+newlines, as RFC 4180 allows: the record runs on to the closing quote (and
+is numbered by its first line); a quote never closed makes the rest of the
+input one bad record.
+
 CSV chunks without quotes are cut into fields by numpy (``np.strings.find``
 for the commas, one gather per column), which reads millions of rows per
 second; chunks with quotes go through the :mod:`csv` module.  JSON lines are
@@ -26,10 +34,10 @@ import numpy as np
 from ..layout import NOT_SET
 from ._vec import (S, UNIT_NS, decimal_ns, field, guess_unit, key_check, parse_column,
                    parse_iso, strip_if_needed)
-from .acc import Parsed, Problem, call_id_problem
+from .acc import Parsed, Problem, call_id_problem, too_long_reason
 
 __all__ = ["TabularParser", "CALL_ID_NAMES", "START_NAMES", "END_NAMES", "TIME_UNITS",
-           "looks_like_csv_header"]
+           "TIME_WINDOW", "looks_like_csv_header"]
 
 CALL_ID_NAMES = ("call_id", "callid", "call-id", "sip_call_id", "sip_callid", "key")
 START_NAMES = ("start", "start_time", "starttime", "start_ts", "time_start", "call_start_time",
@@ -37,6 +45,12 @@ START_NAMES = ("start", "start_time", "starttime", "start_ts", "time_start", "ca
 END_NAMES = ("end", "end_time", "endtime", "end_ts", "time_end", "stop", "stop_time",
              "call_end_time")
 TIME_UNITS = ("auto", "s", "ms", "us", "ns", "iso")
+TIME_WINDOW = (946_684_800 * 10**9, 4_102_444_800 * 10**9)
+"""Times a CSV/JSON row may hold, in ns: [2000-01-01T00:00Z, 2100-01-01T00:00Z)."""
+
+
+def _day(ns: int) -> str:
+    return str(np.datetime64(int(ns), "ns").astype("datetime64[s]")) + "Z"
 
 
 def _norm(name: str) -> str:
@@ -105,6 +119,7 @@ class TabularParser:
         self._ncols = 0
         self._units: list[str | None] = [None, None]
         self._header_seen = False
+        self._carry: tuple[bytes, int] | None = None    # a quoted record open at a chunk's end
 
     # ------------------------------------------------------------------ common
 
@@ -121,9 +136,7 @@ class TabularParser:
                                       t if len(t) <= 160 else t[:160] + "..."))
 
     def _too_long(self, n: int) -> str:
-        return (f"Call-ID is {n} bytes, longer than the table's key width of {self.key_width} "
-                f"(create the table with a larger key width, e.g. --key-width "
-                f"{max(n, 2 * (self.key_width or 0))})")
+        return too_long_reason(n, self.key_width)
 
     def _unit(self, i: int, values: np.ndarray) -> str | None:
         if self.time_unit != "auto":
@@ -139,9 +152,25 @@ class TabularParser:
         return self._jsonl(chunk, base_line, source)
 
     def _finish(self, p: Parsed, keys: np.ndarray, st: np.ndarray, en: np.ndarray,
-                ok: np.ndarray, lines: list[bytes], first_line: int, source: str,
-                reasons: dict[int, str]) -> Parsed:
-        """Key checks, problems and the event arrays from per-row columns."""
+                ok: np.ndarray, lines: Any, first_line: int, source: str,
+                reasons: dict[int, str], numbers: list[int] | None = None) -> Parsed:
+        """Key checks, problems and the event arrays from per-row columns.
+
+        Row ``i`` is line ``first_line + i``, or ``numbers[i]`` when given
+        (CSV records may span lines).
+        """
+        lo, hi = TIME_WINDOW
+        for col, what in ((st, "start"), (en, "end")):
+            out = ok & (col != NOT_SET) & ((col < lo) | (col >= hi))
+            for i in np.flatnonzero(out).tolist():
+                reasons[i] = (f"{what} time {_day(col[i])} outside the accepted window "
+                              f"2000-01-01..2100-01-01 (wrong column or unit?)")
+            ok &= ~out
+        rev = ok & (st != NOT_SET) & (en != NOT_SET) & (en < st)
+        for i in np.flatnonzero(rev).tolist():
+            reasons[i] = (f"end {_day(en[i])} before start {_day(st[i])} "
+                          f"({(int(en[i]) - int(st[i])) / 1e9:g} s)")
+        ok &= ~rev
         kok, too_long, odd = key_check(keys, self.key_width)
         for i in np.flatnonzero(ok & odd).tolist():
             why = call_id_problem(bytes(keys[i]))
@@ -152,9 +181,10 @@ class TabularParser:
                 kok[i] = True
         for i in np.flatnonzero(ok & too_long).tolist():
             self._problem(p, "too_long", self._too_long(len(keys[i])), source,
-                          first_line + i, lines[i])
+                          numbers[i] if numbers else first_line + i, lines[i])
         for i in sorted(reasons):
-            self._problem(p, "bad", reasons[i], source, first_line + i, lines[i])
+            self._problem(p, "bad", reasons[i], source,
+                          numbers[i] if numbers else first_line + i, lines[i])
         good = ok & kok
         p.fold = False                    # one row per call, as a rule
         p.records = int(np.count_nonzero(good))
@@ -165,7 +195,11 @@ class TabularParser:
 
     def _header(self, line: bytes) -> None:
         text = line.lstrip(b"\xef\xbb\xbf").rstrip(b"\r\n").decode("utf-8", "replace")
-        header = next(csv.reader([text]))
+        try:
+            header = next(csv.reader([text]))
+        except (csv.Error, StopIteration) as e:
+            # a binary file, a header field over the csv module's limit, ...
+            raise ValueError(f"unreadable CSV header (line 1): {e}") from None
         cid = _pick(header, self.names[0], CALL_ID_NAMES, "Call-ID")
         if cid is None:
             raise ValueError(f"no Call-ID column in the header (columns: {', '.join(header)}); "
@@ -189,6 +223,11 @@ class TabularParser:
             self._header_seen = True
             body = chunk[nl + 1:]
             first += 1
+        if self._carry is not None:
+            # a quoted record left open by the previous chunk goes on here
+            body = self._carry[0] + body
+            first = self._carry[1]
+            self._carry = None
         if not body:
             return p
         if b'"' in body:
@@ -284,32 +323,58 @@ class TabularParser:
         return out[0], out[1]
 
     def _csv_quoted(self, p: Parsed, lines: list[bytes], first: int, source: str) -> Parsed:
-        n = len(lines)
+        # Records, as the csv module reads them (strict: a stray quote is an
+        # error, not a guess); a quoted field may run over several lines.
         cid_c, st_c, en_c = self._cols  # type: ignore[misc]
-        keys: list[bytes] = [b""] * n
-        cols: list[list[bytes]] = [[b""] * n, [b""] * n]
-        ok = np.ones(n, bool)
-        reasons: dict[int, str] = {}
-        for i, line in enumerate(lines):
-            text = line.rstrip(b"\r").decode("utf-8", "surrogateescape")
-            if not text.strip():
-                ok[i] = False
-                p.ignored += 1
-                continue
+        reader = csv.reader([ln.decode("utf-8", "surrogateescape") + "\n" for ln in lines],
+                            strict=True)
+        recs: list[tuple[int, list[str] | None, str | None]] = []   # (first line index, row, why)
+        prev = 0
+        while True:
             try:
-                row = next(csv.reader([text]))
+                row = next(reader)
+            except StopIteration:
+                break
             except csv.Error as e:
-                ok[i] = False
-                reasons[i] = f"unreadable CSV: {e}"
+                if reader.line_num >= len(lines) and "unexpected end of data" in str(e):
+                    # the chunk ends inside a quoted field: the record goes on in the next
+                    self._carry = (b"".join(ln + b"\n" for ln in lines[prev:]), first + prev)
+                    break
+                recs.append((prev, None, f"unreadable CSV: {e}"))
+                prev = reader.line_num
+                continue
+            recs.append((prev, row, None))
+            prev = reader.line_num
+        keys: list[bytes] = []
+        cols: list[list[bytes]] = [[], []]
+        ok_l: list[bool] = []
+        numbers: list[int] = []
+        texts: list[bytes] = []
+        reasons: dict[int, str] = {}
+        for li, row, why in recs:
+            if row is not None and not "".join(row).strip():
+                p.ignored += 1                          # a blank line
+                continue
+            i = len(keys)
+            numbers.append(first + li)
+            texts.append(lines[li])
+            keys.append(b"")
+            cols[0].append(b"")
+            cols[1].append(b"")
+            ok_l.append(False)
+            if row is None:
+                reasons[i] = why or "unreadable CSV"
                 continue
             if len(row) != self._ncols:
-                ok[i] = False
                 reasons[i] = f"expected {self._ncols} fields, found {len(row)}"
                 continue
+            ok_l[i] = True
             keys[i] = row[cid_c].strip().encode("utf-8", "surrogateescape")
             for j, c in enumerate((st_c, en_c)):
                 if c is not None:
                     cols[j][i] = row[c].strip().encode("utf-8", "surrogateescape")
+        n = len(keys)
+        ok = np.array(ok_l, bool)
         K = np.array(keys) if n else np.empty(0, "S1")
         if K.dtype.itemsize == 0:
             K = K.astype("S1")
@@ -317,7 +382,18 @@ class TabularParser:
         T = [t.astype("S1") if t.dtype.itemsize == 0 else t for t in T]
         st, en = self._times(lambda col: col, T[0] if st_c is not None else None,
                              T[1] if en_c is not None else None, ok, reasons)
-        return self._finish(p, K, st, en, ok, lines, first, source, reasons)
+        return self._finish(p, K, st, en, ok, texts, first, source, reasons, numbers)
+
+    def finish(self, source: str = "-") -> Parsed | None:
+        """The end of the input: a quoted record still open is a bad record."""
+        if self._carry is None:
+            return None
+        text, line = self._carry
+        self._carry = None
+        p = Parsed()
+        self._problem(p, "bad", "a quote opened here is never closed (the rest of the input "
+                      "is inside it)", source, line, text.split(b"\n", 1)[0])
+        return p
 
     # ------------------------------------------------------------------ JSON lines
 
