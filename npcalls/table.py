@@ -725,13 +725,23 @@ class CallTable:
                 b = 0
 
     def _read_row_slow(self, mv: Any, q: Any, o: int, unpack_row: Any) -> tuple[int, int, bytes]:
-        """Re-read a row a writer is changing (classic seqlock: seq, row, seq)."""
+        """Re-read a row a writer may be changing.
+
+        Accepted (see :func:`npcalls.probe.row_is_stable`): the classic seqlock
+        (the same even version before and after), a version at most the
+        header's even writer sequence read before the row, or a version above
+        anything a writer has stamped (a copied or hostile file: read as is).
+        """
         o8 = o >> 3
         spins = 0
         while True:
+            w1 = q[_W_WSEQ]
             s1 = q[o8]
             _, st, en, key = unpack_row(mv, o)
-            if s1 == q[o8] and not s1 & 1:
+            s2 = q[o8]
+            if s1 == s2 and not s1 & 1 or s2 <= w1 & ~1:
+                return st, en, key
+            if s1 == s2 and s2 > probe._stamp_bound(q[_W_WSEQ]):
                 return st, en, key
             spins += 1
             if spins > 1000 and s1 == q[o8] and self._writer_is_dead(spins):
@@ -1021,7 +1031,7 @@ class CallTable:
         tags = m.tags.copy()
         live = np.flatnonzero(tags >= 2)
         rows = np.take(m.rowq, live, axis=0)
-        unstable = np.flatnonzero(~probe.row_is_stable(m.seqcol[live], w1, None))
+        unstable = np.flatnonzero(~probe.row_is_stable(m.seqcol[live], w1, None, q))
         if len(unstable):
             live, rows = self._reread_rows(m, live, rows, tags[live], unstable)
         out = np.empty(len(live), snapshot_dtype(self._kw))
@@ -1050,7 +1060,7 @@ class CallTable:
             slots = live[todo]
             tg = np.take(m.tags, slots)
             r = np.take(m.rowq, slots, axis=0)
-            ok = probe.row_is_stable(m.seqcol[slots], w1, dead_w)
+            ok = probe.row_is_stable(m.seqcol[slots], w1, dead_w, m.q)
             done = todo[ok]
             rows[done] = r[ok]
             tag[done] = tg[ok]
