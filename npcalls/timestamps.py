@@ -5,6 +5,12 @@ Accepted inputs are ints (nanoseconds), ``numpy.datetime64`` (any unit),
 and ``pandas.Timestamp``.  Floats are refused on purpose: a float is usually
 seconds (``time.time()``), and guessing the unit would silently store dates
 in 1970; :func:`from_seconds` converts explicitly.
+
+Every form is converted exactly, in Python or overflow-checked integer
+arithmetic: numpy's own ``astype("datetime64[ns]")`` wraps silently outside
+1677-09-21 .. 2262-04-11 (``datetime64('3000-01-01', 's')`` becomes 1830),
+so values outside :data:`FIRST_NS` .. :data:`LAST_NS` raise
+:class:`InvalidTimestampError` naming the value and the range instead.
 """
 
 from __future__ import annotations
