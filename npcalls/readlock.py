@@ -37,6 +37,7 @@ import struct
 import sys
 import threading
 
+from . import locking
 from .errors import NpcallsError
 
 __all__ = ["LOCKFREE", "SHARED", "READ_MODES", "ENV_VAR", "resolve_read_mode", "tso_cpu",
@@ -138,6 +139,8 @@ class SharedReadLock:
         self.mode = mode
         self.table_path = table_path
         self._local = threading.local()
+        # the writer-lock registry's key, computed once (realpath costs ~10 us)
+        self._reg_key = os.path.realpath(lock_path)
 
     # -- descriptors
 
@@ -199,7 +202,7 @@ class SharedReadLock:
         if tf.depth:
             tf.depth += 1
             return self
-        if _this_thread_writes(self.lock_path):
+        if _this_thread_writes(self._reg_key):
             tf.depth = -1 << 20     # the writer itself: nothing to exclude; keep counting
             tf.depth += 1
             return self
@@ -236,10 +239,9 @@ class SharedReadLock:
         self._local = threading.local()
 
 
-def _this_thread_writes(lock_path: str) -> bool:
+def _this_thread_writes(reg_key: str) -> bool:
     """True if the calling thread holds this table's writer lock (it must not wait on itself)."""
-    from . import locking
-    lf = locking._registry.get(os.path.realpath(lock_path))
+    lf = locking._registry.get(reg_key)
     if lf is None or not lf.depth:
         return False
     if not lf.rlock.acquire(blocking=False):
