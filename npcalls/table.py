@@ -10,7 +10,8 @@ Concurrency model (the LMDB shape: one writer at a time, readers never wait):
 * Readers take no lock.  Each row carries a seqlock word: a reader reads it,
   the row, and it again, and re-reads the row if a writer was changing it.
   Rows never move while a file is live, so a key present for a whole read is
-  always found.
+  always found.  That needs x86's store order; on other CPUs (or on request)
+  readers hold a shared lock for each read instead (:mod:`npcalls.readlock`).
 * Growth and tombstone compaction build a new file and rename it over the
   path; the old file is marked RETIRED first.  A process notices at its next
   operation and re-attaches; a reader in the middle of a batch finishes on the
@@ -712,7 +713,10 @@ class CallTable:
     # ------------------------------------------------------------------ reading
 
     def get(self, call_id: str | bytes) -> tuple[int, int] | None:
-        """``(start, end)`` of a call, or None if absent.  Takes no lock.
+        """``(start, end)`` of a call, or None if absent.
+
+        Takes no lock in the lock-free read mode; in the shared mode (see
+        :meth:`open`) holds the shared lock for the probe only.
 
         Either value may be :data:`NOT_SET` (an active call has no end yet).
         """
@@ -833,7 +837,10 @@ class CallTable:
 
     def get_many(self, keys: Sequence[str | bytes] | np.ndarray, *,
                  errors: str = "raise") -> GetManyResult:
-        """Look up many calls at once, without taking a lock.
+        """Look up many calls at once, without taking a lock (lock-free read mode).
+
+        In the shared read mode the shared lock is held per slice of 16,384
+        keys, so writers wait for one slice at most.
 
         Parameters
         ----------
@@ -1086,7 +1093,8 @@ class CallTable:
     def snapshot(self) -> np.ndarray:
         """A copy of every call present, as a structured array ``(key, start, end)``.
 
-        Taken without the lock and without blocking writers.  Each row is
+        Taken without the lock and without blocking writers (lock-free read
+        mode; the shared mode holds the shared lock for the copy).  Each row is
         consistent, no Call-ID appears twice, a call present for the whole
         snapshot is always in it, and rows written while it runs may or may not
         be (each row is as it was at some instant during the snapshot).
