@@ -446,7 +446,9 @@ def lock_holder(path: str) -> int | None:
     Used by lock-free readers to tell a writer that is merely slow from one
     that died in the middle of a row (whose half-done row they may then read).
     """
-    query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    # A read-lock query conflicts only with write locks: readers holding the
+    # shared lock of npcalls.readlock are not writers.
+    query = struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0)
     lf = _registry.get(_key(path))
     if lf is not None:
         # Never open and close a second descriptor here: closing it would drop

@@ -215,10 +215,28 @@ def check_locked(t: Any, m: Mapping, notes: list, problems: list, repaired: list
     if crashed:
         notes.append("a writer died in the middle of an operation; the next writer "
                      "finishes its recovery automatically")
-    odd = int(np.count_nonzero(m.seqcol & np.uint64(1)))
-    if odd and not crashed:
-        (notes if t._lock is None else problems).append(
-            f"{odd} rows marked mid-write while no write is in progress")
+    # Versions against the writer sequence read before and after them: exact
+    # with the lock held, and still certain without it (a read-only check).
+    seq = m.seqcol.copy()
+    w_after = int(q[_W_WSEQ])
+    over = probe.overversioned(seq, w_after)
+    n_over = int(np.count_nonzero(over))
+    if n_over:
+        first = int(np.flatnonzero(over)[0])
+        problems.append(
+            f"{n_over} rows versioned above the writer sequence {w_after} (first at slot "
+            f"{first}, version {int(seq[first])}): no writer of this file wrote them, so the "
+            "file was copied while a writer ran (cp of a live table) or is corrupt; readers "
+            "take such rows as they are; `npcalls check --repair` rebuilds the table")
+    odd_mask = ((seq & np.uint64(1)) != 0) & ~over
+    odd = int(np.count_nonzero(odd_mask))
+    # odd below the (even part of the) sequence read first: no operation in progress
+    # can have left them; odd at it: the current (or a dead) writer's rows
+    stuck = int(np.count_nonzero(odd_mask & (seq <= np.uint64(w & ~1))))
+    if stuck:
+        problems.append(f"{stuck} rows marked mid-write while no write is in progress")
+    elif odd and not crashed:
+        notes.append(f"{odd} rows marked mid-write by an operation in progress")
     tags = m.tags
     live = np.flatnonzero(tags >= 2)
     n_tomb = int(np.count_nonzero(tags == TOMBSTONE))

@@ -43,6 +43,7 @@ from .layout import BUCKET, EMPTY, NOT_SET, TOMBSTONE, W
 from .storage import Mapping
 
 __all__ = ["home_bucket", "home_bucket_one", "lookup", "place", "Found", "rows_equal",
+           "row_is_stable", "overversioned",
            "remove_slots", "probe_lengths", "find_one", "free_one", "tomb_limit"]
 
 _U = np.uint64
@@ -110,24 +111,50 @@ class Found(NamedTuple):
 _FOUND, _NOT_HERE, _RETRY = 1, 0, 2
 
 
-def row_is_stable(s2: np.ndarray, w1: int, dead_w: int | None) -> np.ndarray:
+def row_is_stable(s2: np.ndarray, w1: int, dead_w: int | None,
+                  q: Any = None) -> np.ndarray:
     """Which rows, read after a header ``wseq`` of ``w1``, are certainly untorn.
 
     Row versions are taken from the header's writer sequence: an operation
     that starts when ``wseq == w`` marks the rows it touches ``w + 1`` (odd)
     and then ``w + 2``.  So a row whose version, read *after* its payload, is
-    even and at most ``w1`` was last changed by an operation that had finished
-    before the reader read ``w1``, hence before it read the row.  Any other
-    row is re-read.  This needs one read of the version per row, after the
-    payload, instead of the classic seqlock's two.
+    at most ``w1`` rounded down to even was last changed by an operation that
+    had finished before the reader read ``w1``, hence before it read the row
+    (an odd version below that bound is left by no writer at all: a hostile
+    or copied file; nothing is changing such a row either).  Any other row is
+    re-read.  This needs one read of the version per row, after the payload,
+    instead of the classic seqlock's two.
+
+    With ``q`` (the header words), rows still in doubt are compared with the
+    writer sequence read *now*, after their versions: a version above anything
+    a writer can have stamped so far (``wseq``, or ``wseq + 1`` while an
+    operation runs) was never written by a writer of this file, which
+    therefore has not touched the row since (a ``cp`` of a live table, whose
+    header was copied before its rows, or a hostile file).  Such a row is read
+    as it is instead of being waited for forever.
     """
-    ok = ((s2 & _ONE) == 0) & (s2 <= _U(w1))
+    ok = s2 <= _U(w1 & ~1)
     if dead_w is not None:
         # The writer of operation dead_w died (the header stays odd): its rows,
         # and rows a recovery it interrupted had made even (dead_w + 1), are
         # readable as they are, since no one is changing them.
         ok |= s2 <= _U(dead_w + 1)
+    if q is not None and not ok.all():
+        ok |= s2 > _U(_stamp_bound(int(q[_WSEQ_INDEX])))
     return ok
+
+
+_MAX64 = (1 << 64) - 1
+
+
+def _stamp_bound(w: int) -> int:
+    """The highest row version writers can have stamped while the header reads ``w``."""
+    return min(w + (w & 1), _MAX64)
+
+
+def overversioned(seq: np.ndarray, w_after: int) -> np.ndarray:
+    """Rows whose version (read before ``w_after``) no writer of this file has stamped."""
+    return seq > _U(_stamp_bound(w_after))
 
 
 CHUNK = 16384
@@ -219,13 +246,13 @@ def _lookup(m: Mapping, tag: np.ndarray, keyq: np.ndarray, *, consistent: bool,
                     p = int(pend[i])
                     status[i] = _scan_bucket(m, p, int(bb[i]), int(tag[p]),
                                              keyq[p if key_index is None else key_index[p]],
-                                             slot, start, end, consistent, dead_w)
+                                             slot, start, end, consistent, dead_w, int(w1))
                 hit, w = hit[~multi], w[~multi]
             s = bb[hit] * BUCKET + _byte_index(w)
             k = pend[hit]
             rw = np.take(rowq, s, axis=0)
             if consistent:
-                stable = row_is_stable(seqcol[s], w1, dead_w)
+                stable = row_is_stable(seqcol[s], w1, dead_w, q)
                 if not stable.all():
                     now = time.monotonic()
                     if not retry_since:
@@ -260,17 +287,16 @@ def _lookup(m: Mapping, tag: np.ndarray, keyq: np.ndarray, *, consistent: bool,
 
 
 def _scan_bucket(m: Mapping, i: int, bucket: int, tag: int, want: np.ndarray, slot, start, end,
-                 consistent: bool, dead_w: int | None) -> int:
-    """Slow path for a bucket holding several slots with the key's tag (classic seqlock)."""
+                 consistent: bool, dead_w: int | None, w1: int = 0) -> int:
+    """Slow path for a bucket holding several slots with the key's tag (same rules as lookup)."""
     busy = False
     for j in range(BUCKET):
         s = bucket * BUCKET + j
         if int(m.tags[s]) != tag:
             continue
-        s1 = int(m.seqcol[s])
         row = m.rowq[s].copy()
-        s2 = int(m.seqcol[s])
-        if consistent and (s1 != s2 or (s1 & 1 and (dead_w is None or s1 > dead_w + 1))):
+        s2 = m.seqcol[s:s + 1].copy()
+        if consistent and not row_is_stable(s2, w1, dead_w, m.q)[0]:
             busy = True
             continue
         if np.array_equal(row[3:], want):

@@ -10,7 +10,8 @@ Concurrency model (the LMDB shape: one writer at a time, readers never wait):
 * Readers take no lock.  Each row carries a seqlock word: a reader reads it,
   the row, and it again, and re-reads the row if a writer was changing it.
   Rows never move while a file is live, so a key present for a whole read is
-  always found.
+  always found.  That needs x86's store order; on other CPUs (or on request)
+  readers hold a shared lock for each read instead (:mod:`npcalls.readlock`).
 * Growth and tombstone compaction build a new file and rename it over the
   path; the old file is marked RETIRED first.  A process notices at its next
   operation and re-attaches; a reader in the middle of a batch finishes on the
@@ -41,6 +42,7 @@ from .layout import (DEFAULT_MAX_LOAD, DURATION_BOUNDS_NS, DURATION_BOUNDS_S, FL
                      LOCK_INO_OFFSET, NOT_SET, STATE_LIVE, STATE_REMOVED, STATE_RETIRED, TOMBSTONE,
                      W, make_geometry, snapshot_dtype)
 from .locking import _BUSY, _LOCK_EX_NB, _LOCK_UN, WriterLock, _lock_waiting, _lockf, lock_holder
+from .readlock import SHARED, SharedReadLock, resolve_read_mode
 from .storage import (Mapping, build_temp, link_into_place, open_mapping, remove_files, resolve,
                       same_file, stale_temp_files)
 from .timestamps import to_ns, to_ns_array
@@ -169,7 +171,8 @@ class CallTable:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def __init__(self, mapping: Mapping, lock_path: str, readonly: bool) -> None:
+    def __init__(self, mapping: Mapping, lock_path: str, readonly: bool,
+                 read_mode: str | None = None) -> None:
         self._m = mapping
         self._path = mapping.path
         self._lock_path = lock_path
@@ -177,12 +180,26 @@ class CallTable:
         self._closed = False
         # Serialises switching this handle to a rebuilt file between its threads.
         self._swap = threading.RLock()
+        self._read_mode = resolve_read_mode(read_mode)
+        self._rl: SharedReadLock | None = None
         if readonly:
             self._lock = None
         else:
             st = os.fstat(mapping.fd)
             self._lock = WriterLock(lock_path, st.st_mode & 0o7777, owner=(st.st_uid, st.st_gid))
         self._lockfile = None if readonly else self._lock._lf
+        if self._read_mode == SHARED:
+            self._rl = SharedReadLock(lock_path, maintenance.file_mode(mapping.fd), self._path)
+            try:
+                with self._rl:      # fail at open, not at the first read, if it cannot work
+                    pass
+            except BaseException:
+                if self._lock is not None:
+                    self._lock.close()
+                raise
+            # an instance attribute: the default mode's get() keeps its fast path
+            # without even a test for the mode
+            self.get = self._get_shared     # type: ignore[method-assign]
         self._set_geometry(mapping)
         self.last_rounds = 0
         """Probe rounds the last batch operation of this object took."""
@@ -219,7 +236,8 @@ class CallTable:
     @classmethod
     def create(cls, name_or_path: str | os.PathLike, capacity: int, key_width: int = 64,
                mode: int = 0o600, *, max_load: float = DEFAULT_MAX_LOAD,
-               auto_grow: bool = False, seed: int | None = None) -> "CallTable":
+               auto_grow: bool = False, seed: int | None = None,
+               read_mode: str | None = None) -> "CallTable":
         """Create a new, empty table and attach to it for writing.
 
         Parameters
@@ -243,6 +261,8 @@ class CallTable:
         seed : int, optional
             XXH64 seed.  Random by default, so that Call-IDs chosen by a
             remote party cannot be crafted to collide (hash flooding).
+        read_mode : {"lockfree", "shared"}, optional
+            This handle's read mode (see :meth:`open`).
 
         Raises
         ------
@@ -252,6 +272,7 @@ class CallTable:
             Not enough space to reserve the file.
         """
         path, lock_path = resolve(name_or_path)
+        resolve_read_mode(read_mode)          # a bad mode is refused before anything is made
         if seed is None:
             seed = secrets.randbits(64)
         _sweep_temps(path)
@@ -278,17 +299,25 @@ class CallTable:
                     pass
             raise
         lock.close()
-        return cls.open(path)
+        return cls.open(path, read_mode=read_mode)
 
     @classmethod
-    def open(cls, name_or_path: str | os.PathLike, readonly: bool = False) -> "CallTable":
+    def open(cls, name_or_path: str | os.PathLike, readonly: bool = False, *,
+             read_mode: str | None = None) -> "CallTable":
         """Attach to an existing table.
 
         Parameters
         ----------
         readonly : bool, default False
-            Map the file read-only: no lock file is needed or touched, and any
-            write raises :class:`ReadOnlyError`.
+            Map the file read-only: any write raises :class:`ReadOnlyError`.
+            In the default lock-free read mode no lock file is needed or touched.
+        read_mode : {"lockfree", "shared"}, optional
+            How this handle's reads exclude torn rows.  ``"lockfree"`` (the
+            default on x86-64): no lock, rows validated by their versions.
+            ``"shared"`` (the default on other CPUs): each read holds a shared
+            lock on the lock file for its duration, so writers wait for it;
+            needs the lock file (created if missing).  Default:
+            ``$NPCALLS_READ_MODE``, else the platform's.  See docs/format.md.
 
         Raises
         ------
@@ -303,7 +332,7 @@ class CallTable:
         if not readonly:
             _sweep_temps(path)
         try:
-            return cls(m, lock_path, readonly)
+            return cls(m, lock_path, readonly, read_mode)
         except BaseException:
             m.close()
             raise
@@ -315,7 +344,7 @@ class CallTable:
         from .errors import TableExistsError, TableNotFoundError
         for _ in range(10):
             try:
-                return cls.open(name_or_path)
+                return cls.open(name_or_path, read_mode=kw.get("read_mode"))
             except TableNotFoundError:
                 pass
             try:
@@ -373,6 +402,8 @@ class CallTable:
         self._closed = True
         self._lockfile = None
         self._fast = _CLOSED_FAST
+        if self._rl is not None:
+            self._rl.close()
         if self._lock is not None:
             self._lock.close()
         self._m.close()
@@ -426,6 +457,11 @@ class CallTable:
     @property
     def readonly(self) -> bool:
         return self._readonly
+
+    @property
+    def read_mode(self) -> str:
+        """``"lockfree"`` or ``"shared"``: how this handle's reads exclude torn rows."""
+        return self._read_mode
 
     @property
     def closed(self) -> bool:
@@ -834,7 +870,10 @@ class CallTable:
     # ------------------------------------------------------------------ reading
 
     def get(self, call_id: str | bytes) -> tuple[int, int] | None:
-        """``(start, end)`` of a call, or None if absent.  Takes no lock.
+        """``(start, end)`` of a call, or None if absent.
+
+        Takes no lock in the lock-free read mode; in the shared mode (see
+        :meth:`open`) holds the shared lock for the probe only.
 
         Either value may be :data:`NOT_SET` (an active call has no end yet).
         """
@@ -852,7 +891,9 @@ class CallTable:
         if tag < 2:
             tag += 2
         if q[_W_STATE] and self._live_mapping().q is not q:
-            return self.get(call_id)            # followed a rebuild: read the new file
+            # followed a rebuild: read the new file (CallTable.get, not self.get:
+            # in shared read mode the caller already holds the read lock)
+            return CallTable.get(self, call_id)
         b = ((tag >> 32) * nb) >> 32
         left = nb
         while True:
@@ -880,14 +921,31 @@ class CallTable:
             if b == nb:
                 b = 0
 
+    def _get_shared(self, call_id: str | bytes) -> tuple[int, int] | None:
+        """get() in the shared read mode: the same probe, under the shared lock."""
+        if self._closed:
+            raise TableClosedError(f"table {self._path} is closed")
+        with self._rl:
+            return CallTable.get(self, call_id)
+
     def _read_row_slow(self, mv: Any, q: Any, o: int, unpack_row: Any) -> tuple[int, int, bytes]:
-        """Re-read a row a writer is changing (classic seqlock: seq, row, seq)."""
+        """Re-read a row a writer may be changing.
+
+        Accepted (see :func:`npcalls.probe.row_is_stable`): the classic seqlock
+        (the same even version before and after), a version at most the
+        header's even writer sequence read before the row, or a version above
+        anything a writer has stamped (a copied or hostile file: read as is).
+        """
         o8 = o >> 3
         spins = 0
         while True:
+            w1 = q[_W_WSEQ]
             s1 = q[o8]
             _, st, en, key = unpack_row(mv, o)
-            if s1 == q[o8] and not s1 & 1:
+            s2 = q[o8]
+            if s1 == s2 and not s1 & 1 or s2 <= w1 & ~1:
+                return st, en, key
+            if s1 == s2 and s2 > probe._stamp_bound(q[_W_WSEQ]):
                 return st, en, key
             spins += 1
             if spins > 1000 and s1 == q[o8] and self._writer_is_dead(spins):
@@ -937,7 +995,10 @@ class CallTable:
 
     def get_many(self, keys: Sequence[str | bytes] | np.ndarray, *,
                  errors: str = "raise") -> GetManyResult:
-        """Look up many calls at once, without taking a lock.
+        """Look up many calls at once, without taking a lock (lock-free read mode).
+
+        In the shared read mode the shared lock is held per slice of 16,384
+        keys, so writers wait for one slice at most.
 
         Parameters
         ----------
@@ -956,15 +1017,12 @@ class CallTable:
         """
         _check_errors_arg(errors)
         fields, keyq, tag, enc = self._encode_batch(keys)
-        m = self._live_mapping()
         valid = _valid_index(len(fields), enc.bad)
         if valid is None:
-            f = probe.lookup(m, tag, keyq, consistent=True, want_rows=True,
-                             stuck_ok=self._stuck_ok)
+            f = self._lookup_read(tag, keyq)
             res = GetManyResult(f.start, f.end, f.slot >= 0)
         else:
-            f = probe.lookup(m, tag[valid], keyq[valid], consistent=True, want_rows=True,
-                             stuck_ok=self._stuck_ok)
+            f = self._lookup_read(tag[valid], keyq[valid])
             n = len(fields)
             start = np.full(n, NOT_SET, np.int64)
             end = np.full(n, NOT_SET, np.int64)
@@ -983,6 +1041,33 @@ class CallTable:
         except BatchKeyError as e:
             e.result = e.result.found
             raise
+
+    def _lookup_read(self, tag: np.ndarray, keyq: np.ndarray) -> probe.Found:
+        """A reader's batch lookup, in this handle's read mode."""
+        rl = self._rl
+        if rl is None:
+            return probe.lookup(self._live_mapping(), tag, keyq, consistent=True,
+                                want_rows=True, stuck_ok=self._stuck_ok)
+        # Shared mode: under the shared lock no writer runs, so rows are read
+        # as they are; the lock is taken per slice so that writers wait for one
+        # slice at most, never for a whole large batch.
+        n = len(tag)
+        if n <= probe.CHUNK:
+            with rl:
+                return probe.lookup(self._live_mapping(), tag, keyq, consistent=False,
+                                    want_rows=True)
+        slot = np.empty(n, np.int64)
+        start = np.empty(n, np.int64)
+        end = np.empty(n, np.int64)
+        rounds = 0
+        for c in range(0, n, probe.CHUNK):
+            sl = slice(c, c + probe.CHUNK)
+            with rl:
+                f = probe.lookup(self._live_mapping(), tag[sl], keyq[sl], consistent=False,
+                                 want_rows=True)
+            slot[sl], start[sl], end[sl] = f.slot, f.start, f.end
+            rounds = max(rounds, f.rounds)
+        return probe.Found(slot, start, end, rounds)
 
     def _stuck_ok(self) -> bool:
         return lock_holder(self._lock_path) is None
@@ -1176,20 +1261,30 @@ class CallTable:
     def snapshot(self) -> np.ndarray:
         """A copy of every call present, as a structured array ``(key, start, end)``.
 
-        Taken without the lock and without blocking writers.  Each row is
+        Taken without the lock and without blocking writers (lock-free read
+        mode; the shared mode holds the shared lock for the copy).  Each row is
         consistent, no Call-ID appears twice, a call present for the whole
         snapshot is always in it, and rows written while it runs may or may not
         be (each row is as it was at some instant during the snapshot).
         """
-        m = self._live_mapping()
-        q = m.q
-        w1 = q[_W_WSEQ]
-        tags = m.tags.copy()
-        live = np.flatnonzero(tags >= 2)
-        rows = np.take(m.rowq, live, axis=0)
-        unstable = np.flatnonzero(~probe.row_is_stable(m.seqcol[live], w1, None))
-        if len(unstable):
-            live, rows = self._reread_rows(m, live, rows, tags[live], unstable)
+        if self._rl is not None:
+            # Shared mode: one consistent copy under the shared lock (writers wait
+            # for the copy: ~75 ms per million rows on the reference machine).
+            with self._rl:
+                m = self._live_mapping()
+                tags = m.tags.copy()
+                live = np.flatnonzero(tags >= 2)
+                rows = np.take(m.rowq, live, axis=0)
+        else:
+            m = self._live_mapping()
+            q = m.q
+            w1 = q[_W_WSEQ]
+            tags = m.tags.copy()
+            live = np.flatnonzero(tags >= 2)
+            rows = np.take(m.rowq, live, axis=0)
+            unstable = np.flatnonzero(~probe.row_is_stable(m.seqcol[live], w1, None, q))
+            if len(unstable):
+                live, rows = self._reread_rows(m, live, rows, tags[live], unstable)
         out = np.empty(len(live), snapshot_dtype(self._kw))
         out["start"] = rows[:, 1].view(np.int64)
         out["end"] = rows[:, 2].view(np.int64)
@@ -1246,7 +1341,7 @@ class CallTable:
             slots = live[todo]
             tg = np.take(m.tags, slots)
             r = np.take(m.rowq, slots, axis=0)
-            ok = probe.row_is_stable(m.seqcol[slots], w1, dead_w)
+            ok = probe.row_is_stable(m.seqcol[slots], w1, dead_w, m.q)
             done = todo[ok]
             rows[done] = r[ok]
             tag[done] = tg[ok]

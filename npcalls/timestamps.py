@@ -5,6 +5,12 @@ Accepted inputs are ints (nanoseconds), ``numpy.datetime64`` (any unit),
 and ``pandas.Timestamp``.  Floats are refused on purpose: a float is usually
 seconds (``time.time()``), and guessing the unit would silently store dates
 in 1970; :func:`from_seconds` converts explicitly.
+
+Every form is converted exactly, in Python or overflow-checked integer
+arithmetic: numpy's own ``astype("datetime64[ns]")`` wraps silently outside
+1677-09-21 .. 2262-04-11 (``datetime64('3000-01-01', 's')`` becomes 1830),
+so values outside :data:`FIRST_NS` .. :data:`LAST_NS` raise
+:class:`InvalidTimestampError` naming the value and the range instead.
 """
 
 from __future__ import annotations
@@ -38,7 +44,107 @@ def from_seconds(seconds: Any) -> Any:
 
 
 def _bad(ts: Any, why: str) -> InvalidTimestampError:
-    return InvalidTimestampError(f"invalid timestamp {ts!r}: {why}")
+    return InvalidTimestampError(f"invalid timestamp {_show(ts)}: {why}")
+
+
+FIRST_NS = -_I64_MAX
+"""The earliest storable time: 1677-09-21T00:12:43.145224193 UTC (INT64_MIN means 'not set')."""
+LAST_NS = _I64_MAX
+"""The latest storable time: 2262-04-11T23:47:16.854775807 UTC."""
+RANGE_TEXT = ("the storable range is 1677-09-21T00:12:43.145224193 .. "
+              "2262-04-11T23:47:16.854775807 UTC (int64 nanoseconds since the epoch)")
+
+# Nanoseconds per tick of the linear datetime64 units (calendar units Y and M
+# are not linear and go through days; sub-nanosecond units are divided).
+_DT64_NS = {"W": 604_800_000_000_000, "D": 86_400_000_000_000, "h": 3_600_000_000_000,
+            "m": 60_000_000_000, "s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
+_DT64_SUB = {"ps": 1_000, "fs": 1_000_000, "as": 1_000_000_000}
+# Within these bounds (in years or months from 1970) a calendar value converts
+# to days without any overflow; beyond them it is far outside the range anyway.
+_CAL_LIMIT = {"Y": 1_000, "M": 12_000}
+
+
+def _show(ts: Any) -> str:
+    """A timestamp as a person recognises it: numpy's repr of an out-of-range value hides nothing."""
+    if isinstance(ts, np.datetime64):
+        try:
+            return f"numpy.datetime64('{np.datetime_as_string(ts)}', '{_unit_text(ts.dtype)}')"
+        except (ValueError, OverflowError):
+            return repr(ts)
+    if isinstance(ts, _dt.datetime) and not _is_pandas_nat(ts):
+        kind = "pandas.Timestamp" if type(ts).__name__ == "Timestamp" else type(ts).__name__
+        return f"{kind} {ts.isoformat()}"
+    return repr(ts)
+
+
+def _unit_text(dtype: np.dtype) -> str:
+    unit, count = np.datetime_data(dtype)
+    return unit if count == 1 else f"{count}{unit}"
+
+
+def _out_of_range(ts: Any) -> InvalidTimestampError:
+    return _bad(ts, f"outside the time range npcalls stores: {RANGE_TEXT}")
+
+
+def _is_pandas_nat(ts: Any) -> bool:
+    # pandas.NaT is a datetime subclass whose methods raise; recognised by type
+    # name so that the core never imports pandas.
+    return type(ts).__name__ == "NaTType"
+
+
+def _dt64_scalar_ns(ts: np.datetime64) -> int:
+    """Exact nanoseconds of a datetime64 scalar of any unit, computed without wrapping."""
+    unit, count = np.datetime_data(ts.dtype)
+    if unit == "generic":
+        raise _bad(ts, "a datetime64 without a unit is not a point in time")
+    v = int(ts.astype(np.int64)) * count
+    if unit in _CAL_LIMIT:
+        if abs(v) > _CAL_LIMIT[unit]:
+            raise _out_of_range(ts)
+        days = int(np.datetime64(v, unit).astype("datetime64[D]").astype(np.int64))
+        ns = days * _DT64_NS["D"]
+    elif unit in _DT64_NS:
+        ns = v * _DT64_NS[unit]
+    else:
+        ns = v // _DT64_SUB[unit]
+    if not FIRST_NS <= ns <= LAST_NS:
+        raise _out_of_range(ts)
+    return ns
+
+
+def _dt64_array_ns(a: np.ndarray, allow_unset: bool) -> np.ndarray:
+    """int64 nanoseconds of a datetime64 array of any unit; refuses what would wrap.
+
+    NaT elements become NOT_SET (the caller decides whether that is allowed).
+    """
+    unit, count = np.datetime_data(a.dtype)
+    if unit == "generic":
+        raise InvalidTimestampError("datetime64 timestamps without a unit are not points in time")
+    v = a.view(np.int64)
+    nat = v == NOT_SET
+    if unit == "ns" and count == 1:
+        return v.copy()
+    if unit in _CAL_LIMIT or unit in _DT64_SUB or count != 1:
+        # rare units: exact element by element in Python integers
+        out = np.empty(len(a), np.int64)
+        for i, x in enumerate(a):
+            if nat[i]:
+                out[i] = NOT_SET
+                continue
+            try:
+                out[i] = _dt64_scalar_ns(x)
+            except InvalidTimestampError as e:
+                raise InvalidTimestampError(f"timestamp #{i}: {e}") from None
+        return out
+    f = _DT64_NS[unit]
+    lim = _I64_MAX // f
+    bad = ~nat & ((v > lim) | (v < -lim))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InvalidTimestampError(f"timestamp #{i}: {_out_of_range(a[i])}")
+    out = np.where(nat, 0, v) * f
+    out[nat] = NOT_SET
+    return out
 
 
 def to_ns(ts: Any) -> int:
@@ -49,7 +155,9 @@ def to_ns(ts: Any) -> int:
     if t is int:
         if -_I64_MAX <= ts <= _I64_MAX:
             return ts
-        raise _bad(ts, "outside the int64 nanosecond range (and INT64_MIN means 'not set')")
+        if ts == NOT_SET:
+            raise _bad(ts, "INT64_MIN means 'not set' (NaT), not a time")
+        raise _out_of_range(ts)
     if isinstance(ts, (bool, np.bool_)):
         raise _bad(ts, "a bool is not a timestamp")
     if isinstance(ts, (int, np.integer)):
@@ -57,13 +165,20 @@ def to_ns(ts: Any) -> int:
     if isinstance(ts, np.datetime64):
         if np.isnat(ts):
             raise _bad(ts, "NaT is 'not set', not a time")
-        return to_ns(int(ts.astype("datetime64[ns]").astype(np.int64)))
+        return _dt64_scalar_ns(ts)
     if isinstance(ts, _dt.datetime):
+        if _is_pandas_nat(ts):
+            raise InvalidTimestampError("invalid timestamp pandas.NaT: NaT is 'not set', "
+                                        "not a time")
+        orig = ts
         if ts.tzinfo is None:
             ts = ts.replace(tzinfo=_dt.timezone.utc)
         delta = ts - _EPOCH
         ns = (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
-        return to_ns(ns + int(getattr(ts, "nanosecond", 0)))
+        ns += int(getattr(ts, "nanosecond", 0))
+        if not FIRST_NS <= ns <= LAST_NS:
+            raise _out_of_range(orig)
+        return ns
     if isinstance(ts, (float, np.floating)):
         raise _bad(ts, "floats are refused: give int nanoseconds, a datetime, "
                        "or npcalls.from_seconds(seconds)")
@@ -89,6 +204,10 @@ def to_ns_array(ts: Any, n: int, allow_unset: bool = False) -> np.ndarray:
             return np.full(n, NOT_SET, np.int64)
         return np.full(n, to_ns(ts), np.int64)
     a = np.asarray(ts)
+    if a.dtype.kind in "fu" and not isinstance(ts, np.ndarray) and a.size:
+        # a list numpy could only fit into floats or uint64 (an int beyond int64,
+        # a float among ints): judge each element, so the message names it
+        a = np.asarray(ts, dtype=object)
     if a.size == 0 and a.dtype.kind == "f":
         a = a.astype(np.int64)          # np.asarray([]) is float64: an empty list is fine
     if a.ndim != 1 or len(a) != n:
@@ -106,7 +225,7 @@ def to_ns_array(ts: Any, n: int, allow_unset: bool = False) -> np.ndarray:
                 raise InvalidTimestampError(f"timestamp #{i}: {e}") from None
         return out
     if kind == "M":
-        out = a.astype("datetime64[ns]").view(np.int64)
+        out = _dt64_array_ns(a, allow_unset)
     elif kind in "iu":
         if kind == "u" and len(a) and int(a.max()) > _I64_MAX:
             i = int(np.flatnonzero(a > _I64_MAX)[0])
@@ -122,7 +241,8 @@ def to_ns_array(ts: Any, n: int, allow_unset: bool = False) -> np.ndarray:
         raise InvalidTimestampError(f"timestamps of dtype {a.dtype} are not supported")
     if not allow_unset and (out == NOT_SET).any():
         i = int(np.flatnonzero(out == NOT_SET)[0])
-        raise InvalidTimestampError(f"timestamp #{i} is NaT / INT64_MIN, which means 'not set'")
+        raise InvalidTimestampError(f"timestamp #{i} is NaT / INT64_MIN, which means 'not set', "
+                                    "not a time")
     return out
 
 
@@ -131,6 +251,8 @@ def _is_unset(x: Any) -> bool:
         return True
     if isinstance(x, np.datetime64):
         return bool(np.isnat(x))
+    if _is_pandas_nat(x):
+        return True
     if isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)):
         return int(x) == NOT_SET
     return False
@@ -183,9 +305,13 @@ def parse_time(text: str, now: int | None = None) -> int:
     try:
         if any(c in s for c in "eE") and "T" not in s:
             raise ValueError
-        return from_seconds(float(s))
+        secs = float(s)
     except ValueError:
         pass
+    else:
+        if not -9.2e9 < secs < 9.2e9:          # would not fit int64 ns: refuse, never wrap
+            raise _out_of_range(text)
+        return from_seconds(secs)
     import re
     bad = ValueError(f"cannot read time {text!r} (examples: now, -15m, 2026-11-26T05:51:55Z, "
                      "1795668428.565)")
@@ -196,12 +322,17 @@ def parse_time(text: str, now: int | None = None) -> int:
         except ValueError:
             raise bad from None
     try:
-        t = np.datetime64(s.rstrip("Zz"), "ns")
+        # the unit the text carries (a date alone: days); converting to ns
+        # with to_ns refuses what int64 ns cannot hold instead of wrapping
+        t = np.datetime64(s.rstrip("Zz"))
     except ValueError:
         raise bad from None
     if np.isnat(t):
         raise bad
-    return int(t.astype(np.int64))
+    try:
+        return to_ns(t)
+    except InvalidTimestampError:
+        raise _out_of_range(text) from None
 
 
 def format_age(ns: int, seconds_below: float = 60) -> str:

@@ -302,7 +302,31 @@ def parse_iso(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # a date-time needs at least a full date "YYYY-MM-DD": numpy also reads
     # "2026", "" (NaT) and even "1795668428" (as a year)
     ok &= (t != NOT_SET) & (S.str_len(b) >= 10) & (S.find(b, b"-") == 4)
+    ok &= _iso_in_range(b, t, ok)
     return np.where(ok, t - offset, 0), ok
+
+
+def _iso_in_range(b: np.ndarray, t: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Which parsed "YYYY-..." rows fit int64 nanoseconds.
+
+    numpy's string-to-datetime64[ns] conversion wraps silently outside
+    1677-09-21 .. 2262-04-11 (year 3000 comes out as 1830): a row outside is
+    unreadable, never stored as another date.  Rows of the two edge years are
+    parsed again at microseconds and compared.
+    """
+    if b.dtype.itemsize < 4:
+        return np.zeros(len(b), bool)
+    d = matrix(b)[:, :4].astype(np.int64) - 48
+    year = ((d[:, 0] * 10 + d[:, 1]) * 10 + d[:, 2]) * 10 + d[:, 3]
+    good = (year > 1677) & (year < 2262)
+    for i in np.flatnonzero(ok & ((year == 1677) | (year == 2262))):
+        try:
+            us = int(np.datetime64(b[i].decode("ascii"), "us").astype(np.int64))
+        except (ValueError, UnicodeDecodeError):
+            continue
+        good[i] = -(2**63) < us * 1000 + int(t[i]) % 1000 < 2**63 and \
+            us * 1000 + int(t[i]) % 1000 == int(t[i])
+    return good
 
 
 def _iso_fixed(a: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -328,6 +352,7 @@ def _iso_fixed(a: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     except ValueError:
         return None
     ok = t != NOT_SET
+    ok &= _iso_in_range(b, t, ok)
     return np.where(ok, t, 0), ok
 
 
