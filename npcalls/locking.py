@@ -64,6 +64,16 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def after_fork_in_child() -> None:
+    """Re-create this process's thread locks of every lock file, as the at-fork handler does.
+
+    For a process forked from C without Python's at-fork handlers (an
+    embedding program that never calls ``PyOS_AfterFork_Child``): a thread
+    lock some parent thread held at the fork would otherwise stay held here.
+    """
+    _after_fork_in_child()
+
+
 def open_lock_file(path: str, mode: int, create: bool) -> tuple[int, bool]:
     """Open (or create) a lock file, never following a symlink at its last component.
 

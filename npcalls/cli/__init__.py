@@ -28,6 +28,7 @@ VERB_MODULES = (
     "ingest_cmd",      # ingest
     "analysis_cmds",   # top, simulate
     "demo_cmd",        # demo
+    "kamailio_cmd",    # kamailio-script
 )
 
 
