@@ -617,6 +617,21 @@ def python_errors(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if PYTHON_ERRORS.search(ln)]
 
 
+def error_lines(text: str) -> tuple[list[str], list[str]]:
+    """Kamailio's ERROR/CRITICAL/BUG/ALERT lines: (dialog 'bogus event' races, all others).
+
+    The dialog module logs a CRITICAL "bogus event N in state M" when a reply
+    races the dialog's state change in another worker (a late 200
+    retransmission after the ACK, say): Kamailio-internal and harmless, seen
+    about once in a few runs.  Tests tolerate those when rare (at most 1% of
+    the calls); anything else fails them.
+    """
+    bad = [ln for ln in text.splitlines()
+           if any(f" {lvl}:" in ln for lvl in ("ERROR", "CRITICAL", "BUG", "ALERT"))]
+    races = [ln for ln in bad if "dlg_hash.c" in ln and "bogus event" in ln]
+    return races, [ln for ln in bad if ln not in races]
+
+
 def main() -> None:  # pragma: no cover - manual smoke run
     import tempfile
     wd = Path(tempfile.mkdtemp(prefix="npcalls-kam-"))
