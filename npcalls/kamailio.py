@@ -503,7 +503,10 @@ class CallMonitor:
             return
         self._pending.append((col, cid, ts))
 
-    _FLUSH_BATCH = 1000     # events from the backlog written per call (bounds one call's time)
+    # Events from the backlog written per call: keeps each hold of the lock
+    # short (other workers wait for it too), while a backlog still drains at
+    # this many events per call of the worker.
+    _FLUSH_BATCH = 100
 
     def _flush_locked(self, t: CallTable) -> None:
         batch = self._pending[:self._FLUSH_BATCH]

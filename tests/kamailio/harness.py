@@ -235,7 +235,9 @@ class UacResult:
         return set(self.answered) & set(self.bye)
 
 
-_LOG = re.compile(r"^(INVITE|ANSWERED|BYEOK|BYE|BUSY) (\S+)(?: (\d+)(?:\.0*)? (\d+)(?:\.0*)?)?\s*$")
+# sipp prints a variable holding 0 as nothing: "BYE <cid> 1796304246.000000 " when
+# gettimeofday's microseconds were 0 (seen once in some 15,000 lines).
+_LOG = re.compile(r"^(INVITE|ANSWERED|BYEOK|BYE|BUSY) (\S+)(?: (\d+)(?:\.0*)?(?: (\d+)(?:\.0*)?)?)?\s*$")
 
 
 def parse_uac_log(path: Path, res: UacResult) -> None:
@@ -247,7 +249,7 @@ def parse_uac_log(path: Path, res: UacResult) -> None:
         if kind == "BUSY":
             res.busy.add(cid)
         else:
-            t = int(s) + int(us) / 1e6
+            t = int(s) + int(us or 0) / 1e6
             {"INVITE": res.invite, "ANSWERED": res.answered, "BYE": res.bye,
              "BYEOK": res.bye_ok}[kind][cid] = t
 
