@@ -75,6 +75,23 @@ answered) records nothing unless ``stop_inserts_missing=True``.
 Outside Kamailio (tests, tools) pass ``ksr=`` any object with ``pv.get`` and
 ``err`` / ``warn`` / ``info`` methods; without one, and without an importable
 ``KSR`` module, messages go to the ``logging`` logger ``npcalls.kamailio``.
+That object is the only way the helper reaches Kamailio (reading ``$ci``,
+logging), so another embedder would need only another such adapter
+(OpenSIPS's ``python`` module has the same ``python_exec`` shape but reads
+pseudo-variables through the message; nothing here has been run there).
+
+A writer stalled inside the table must not stall the proxy: each write waits
+at most ``lock_timeout`` for the writer lock, then keeps the event in the
+process's backlog (see :class:`CallMonitor`).
+
+Native kamailio.cfg
+-------------------
+For a config in Kamailio's own language, ``modparam("app_python3", "load",
+...)`` loads the script shipped in ``npcalls/kamailio_script/`` (its path:
+:func:`script_path`, ``npcalls kamailio-script``), whose ``mod_init()``
+returns a :class:`KamailioScript` built from the environment
+(:func:`read_settings`); the config calls ``python_exec("start_monitoring")``
+and ``python_exec("stop_monitoring")``.  See ``examples/kamailio-native/``.
 """
 
 from __future__ import annotations
@@ -260,13 +277,24 @@ class CallMonitor:
         self._pending: list[tuple[int, Any, int]] = []
         self._busy_since = 0.0          # > 0: the lock was found busy; only try until free
         self._busy_recent = 0.0         # stops insert end-only rows until this time
+        # This process's handle on the table's writer lock (the same per-process
+        # lock-file state the table uses, so the table's own writes inside it
+        # take no second lock), and the table object it was made for.
+        self._wlock: locking.WriterLock | None = None
+        self._wlock_of: CallTable | None = None
 
     def _after_fork(self) -> None:
         """First use in a new process: drop what was inherited, re-open the table here."""
         inherited = self._table
+        inherited_lock = self._wlock
         self._table = None
         self._reset_process_state()
         _repair_after_raw_fork()
+        if inherited_lock is not None:
+            try:
+                inherited_lock.close()
+            except Exception as e:  # pragma: no cover - defensive
+                self._error("close", f"closing the inherited lock handle failed: {e!r}")
         if inherited is not None:
             try:
                 # Closes only this process's copy: the mapping and, if no other
@@ -428,7 +456,7 @@ class CallMonitor:
                 self._flush_locked(t)
             return self._apply(t, col, cid, ts, False)
         finally:
-            held.__exit__(None, None, None)
+            held.release()
 
     def _apply(self, t: CallTable, col: int, cid: Any, ts: int, deferred: bool) -> bool:
         if col == 1:
@@ -455,19 +483,30 @@ class CallMonitor:
     def _acquire(self, t: CallTable) -> Any:
         """The writer lock, entered, waiting at most ``lock_timeout``; None if still busy.
 
-        Polls with the public non-blocking acquire (``locked(timeout=0)``)
-        rather than a blocking one, so that the wait ends at the deadline
-        itself.  Once the lock was found busy for the whole wait, later calls
+        Polls with the non-blocking ``WriterLock.acquire(0)`` rather than a
+        blocking acquire, so that the wait ends at the deadline itself; the
+        caller releases what this returns.  Once the lock was found busy for the whole wait, later calls
         only try once until they get it: a stalled table costs each SIP
         message one failed system call, not a wait.
         """
+        wl = self._wlock
+        if wl is None or self._wlock_of is not t:
+            if wl is not None:
+                wl.close()
+                self._wlock = None
+            if t.closed or t.readonly:
+                # The table's own error; and never create a lock file for a
+                # table this process no longer holds open.
+                with t.locked(timeout=0):
+                    pass
+            wl = self._wlock = locking.WriterLock(t.lock_path)
+            self._wlock_of = t
         now = time.monotonic()
         deadline = now + (0.0 if self._busy_since else self.lock_timeout)
         delay = 0.0002
         while True:
-            held = t.locked(timeout=0)
             try:
-                held.__enter__()
+                wl.acquire(0)
             except TimeoutError:
                 now = time.monotonic()
                 if now < deadline:
@@ -492,7 +531,7 @@ class CallMonitor:
                            f"{len(self._pending)} deferred events\n")
                 self._busy_since = 0.0
                 self._busy_recent = now + 60.0
-            return held
+            return wl
 
     def _defer(self, t: CallTable, col: int, cid: Any, ts: int) -> None:
         if len(self._pending) >= self.max_pending:
@@ -513,7 +552,12 @@ class CallMonitor:
         del self._pending[:self._FLUSH_BATCH]
         for col, cid, ts in batch:
             self.stats["deferred"] += 1
-            self._apply(t, col, cid, ts, True)
+            try:
+                self._apply(t, col, cid, ts, True)
+            except Exception as e:      # this event only (a Call-ID too long, ...)
+                what = "start_monitoring" if col == 1 else "stop_monitoring"
+                self._error(type(e).__name__, f"{what} (deferred) failed: "
+                                              f"{type(e).__name__}: {e}")
 
     def flush(self) -> int:
         """Write this process's backlog now if the lock can be had within ``lock_timeout``.
@@ -529,7 +573,7 @@ class CallMonitor:
                         while self._pending:
                             self._flush_locked(t)
                     finally:
-                        held.__exit__(None, None, None)
+                        held.release()
         except BaseException as e:
             self._error(type(e).__name__, f"flush failed: {type(e).__name__}: {e}")
         return len(self._pending)
@@ -542,11 +586,14 @@ class CallMonitor:
     def close(self) -> None:
         """Detach this process from the table (the table itself stays)."""
         t, self._table = self._table, None
-        if t is not None and os.getpid() == self._pid:
-            try:
-                t.close()
-            except Exception:
-                pass
+        wl, self._wlock, self._wlock_of = self._wlock, None, None
+        if os.getpid() == self._pid:
+            for h in (wl, t):
+                if h is not None:
+                    try:
+                        h.close()
+                    except Exception:
+                        pass
 
     def __repr__(self) -> str:
         state = "open" if self._table is not None else "not open"

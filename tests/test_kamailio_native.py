@@ -362,3 +362,17 @@ def test_cli_prints_the_script_path_and_checks_settings(tmp_path):
     assert r.returncode == 0
     assert "NPCALLS_LOCK_WAIT_MS=20" in r.stdout and "NPCALLS_TABLE=t1" in r.stdout
     assert "NPCALLS_MODE=0600" in r.stdout
+
+
+def test_a_bad_deferred_event_does_not_take_the_others_with_it(tname, holder):
+    m, ksr = monitor(tname, lock_timeout=0.0, key_width=16)
+    m.table
+    h = holder()
+    for cid in ("ok-1", "x" * 40, "ok-2"):            # the middle one is too long for the table
+        assert m.start_monitoring(call_id=cid) is False
+    h.release()
+    assert m.start_monitoring(call_id="ok-3") is True
+    t = CallTable.open(tname, readonly=True)
+    assert all(t.get(c) is not None for c in ("ok-1", "ok-2", "ok-3"))
+    errs = ksr.level("err")
+    assert len(errs) == 1 and "(deferred) failed" in errs[0] and "x" * 40 in errs[0]

@@ -610,7 +610,7 @@ def parse_kamailio_log(text: str) -> AccRecords:
     return r
 
 
-PYTHON_ERRORS = re.compile(r"Traceback|python_handle_exception|Unhandled exception|"
+PYTHON_ERRORS = re.compile(r"Traceback|python_handle_exception|Unhandled exception|SystemError|"
                            r"app_python3.*ERROR|ERROR: app_python3|npcalls: .*failed|"
                            r"cannot open or create table")
 
