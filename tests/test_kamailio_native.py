@@ -376,3 +376,58 @@ def test_a_bad_deferred_event_does_not_take_the_others_with_it(tname, holder):
     assert all(t.get(c) is not None for c in ("ok-1", "ok-2", "ok-3"))
     errs = ksr.level("err")
     assert len(errs) == 1 and "(deferred) failed" in errs[0] and "x" * 40 in errs[0]
+
+
+def test_raw_fork_with_an_inherited_held_thread_lock_defers_then_writes(tname):
+    """fork(2) from C while a parent thread holds the writer lock: the child neither
+    deadlocks on the inherited thread lock nor waits past the limit."""
+    import ctypes
+    import threading
+    m, _ = monitor(tname, lock_timeout=0.05)
+    m.table
+    other = CallTable.open(tname)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with other.locked():
+            holding.set()
+            release.wait(10)
+
+    th = threading.Thread(target=hold)
+    th.start()
+    holding.wait(5)
+    r, w = os.pipe()
+    pid = ctypes.PyDLL(None).fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(w)
+            t0 = time.monotonic()
+            ok = m.start_monitoring(call_id="raw-bounded") is False and m.pending == 1
+            ok &= time.monotonic() - t0 < 5
+            os.read(r, 1)                                 # the parent released its lock
+            ok &= m.start_monitoring(call_id="raw-bounded-2") is True and m.pending == 0
+            code = 0 if ok else 1
+        finally:
+            os._exit(code)
+    os.close(r)
+    time.sleep(0.3)
+    release.set()
+    th.join()
+    os.write(w, b"x")
+    os.close(w)
+    deadline = time.monotonic() + 20
+    status = None
+    while time.monotonic() < deadline:
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = os.waitstatus_to_exitcode(st)
+            break
+        time.sleep(0.02)
+    if status is None:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    other.close()
+    assert status == 0, "the raw-forked child deadlocked or misbehaved"
+    t = CallTable.open(tname, readonly=True)
+    assert t.get("raw-bounded") is not None and t.get("raw-bounded-2") is not None
