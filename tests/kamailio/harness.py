@@ -619,19 +619,49 @@ def python_errors(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if PYTHON_ERRORS.search(ln)]
 
 
-def error_lines(text: str) -> tuple[list[str], list[str]]:
-    """Kamailio's ERROR/CRITICAL/BUG/ALERT lines: (dialog 'bogus event' races, all others).
+_PID = re.compile(r"^\s*\d+\((\d+)\)")
 
-    The dialog module logs a CRITICAL "bogus event N in state M" when a reply
-    races the dialog's state change in another worker (a late 200
-    retransmission after the ACK, say): Kamailio-internal and harmless, seen
-    about once in a few runs.  Tests tolerate those when rare (at most 1% of
-    the calls); anything else fails them.
+
+def error_lines(text: str) -> tuple[list[str], list[str]]:
+    """Kamailio's ERROR/CRITICAL/BUG/ALERT lines: (dialog-module races, all others).
+
+    Two races inside Kamailio 5.6's dialog module between workers handling
+    one dialog are harmless and tolerated by the tests when rare (at most 1%
+    of the calls); anything else fails them:
+
+    * CRITICAL "bogus event N in state M" (dlg_hash.c): a reply races the
+      dialog's state change in another worker (a late 200 retransmission
+      after the ACK, say);
+    * CRITICAL "update_dlg_timer(): Trying to update a bogus dlg" (dlg_timer.c)
+      followed, from the same process, by ERROR "dlg_onroute(): failed to
+      update dialog lifetime": the 2xx's worker marks the dialog confirmed,
+      runs event_route[dialog:start] and only then puts the dialog on its
+      timer list; an ACK handled meanwhile by another worker finds no timer
+      to refresh.  The 2xx's worker then inserts the timer with the same
+      lifetime, so nothing is lost.  Any work in dialog:start widens that
+      window (a worker descheduled there on a loaded machine, say).
+
+    Each race counts once in the first list (a pair counts as one).
     """
     bad = [ln for ln in text.splitlines()
            if any(f" {lvl}:" in ln for lvl in ("ERROR", "CRITICAL", "BUG", "ALERT"))]
-    races = [ln for ln in bad if "dlg_hash.c" in ln and "bogus event" in ln]
-    return races, [ln for ln in bad if ln not in races]
+    races, other = [], []
+    timer_race_pids: list[str] = []
+    for ln in bad:
+        m = _PID.match(ln)
+        pid = m.group(1) if m else None
+        if "dlg_hash.c" in ln and "bogus event" in ln and " CRITICAL:" in ln:
+            races.append(ln)
+        elif "dlg_timer.c" in ln and "update_dlg_timer(): Trying to update a bogus dlg" in ln \
+                and " CRITICAL:" in ln and pid:
+            races.append(ln)
+            timer_race_pids.append(pid)
+        elif ("dlg_handlers.c" in ln and "dlg_onroute(): failed to update dialog lifetime" in ln
+              and " ERROR:" in ln and pid in timer_race_pids):
+            timer_race_pids.remove(pid)         # the second line of that race
+        else:
+            other.append(ln)
+    return races, other
 
 
 def main() -> None:  # pragma: no cover - manual smoke run
