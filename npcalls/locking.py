@@ -89,6 +89,16 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _REMEDY = "remove it (as its owner or root); npcalls re-creates the lock file on the next write"
 
 
+def after_fork_in_child() -> None:
+    """Re-create this process's thread locks of every lock file, as the at-fork handler does.
+
+    For a process forked from C without Python's at-fork handlers (an
+    embedding program that never calls ``PyOS_AfterFork_Child``): a thread
+    lock some parent thread held at the fork would otherwise stay held here.
+    """
+    _after_fork_in_child()
+
+
 def open_lock_file(path: str, mode: int, create: bool,
                    owner: tuple[int, int] | None = None) -> tuple[int, bool]:
     """Open (or create) a lock file, never following a symlink at its last component.

@@ -1,7 +1,9 @@
 #!/bin/sh
 # System packages the full test suite needs (the Kamailio end-to-end test):
 # Kamailio with its Python engine, and sipp.  Installs only what is missing;
-# needs root (CI and the developers' machines run as root).
+# needs root (CI and the developers' machines run as root).  Every other
+# module the example configs load (tm, tmx, rr, dialog, acc, sanity, ...)
+# ships in the kamailio package itself (dpkg -S dialog.so: kamailio).
 set -eu
 need=""
 command -v kamailio >/dev/null 2>&1 || need="$need kamailio"

@@ -26,6 +26,10 @@ Settings, read once from the environment in Kamailio's main process:
   NPCALLS_RECORD     "0": route exactly the same way without recording
                      (the benchmark's baseline)
   NPCALLS_TRACE      "1": log one line per recorded start and stop
+  NPCALLS_LOCK_WAIT_MS  longest wait for the table's writer lock (default 50);
+                     past it the event waits in the worker's backlog
+  NPCALLS_CONFIG     a file of NAME=value lines with the names above
+                     (the environment wins); see npcalls.kamailio.read_settings
 """
 
 import os
@@ -41,7 +45,7 @@ for _d in filter(None, os.environ.get("NPCALLS_SITE", "").split(os.pathsep)):
 
 import KSR  # noqa: E402  (provided by app_python3)
 
-from npcalls.kamailio import CallMonitor  # noqa: E402
+from npcalls.kamailio import CallMonitor, read_settings  # noqa: E402
 
 FLT_ACC = 1         # acc: log the transaction when answered (log_flag)
 FLT_ACCMISSED = 2   # acc: log missed calls (log_missed_flag)
@@ -55,12 +59,15 @@ class kamailio:  # noqa: N801 - the class name app_python3 documents
             # Built in the main process, before Kamailio forks its workers:
             # the table is opened (created if needed) here, and each worker
             # re-opens its own handle in child_init (or at first use).
+            # The same settings as the native script (read_settings: the
+            # environment, or the file named by NPCALLS_CONFIG).
+            s = read_settings()
             self.calls = CallMonitor(
-                os.environ.get("NPCALLS_TABLE", "calls"),
-                capacity=int(os.environ.get("NPCALLS_CAPACITY", "65536")),
-                key_width=int(os.environ.get("NPCALLS_KEY_WIDTH", "128")),
-                mode=int(os.environ.get("NPCALLS_MODE", "0600"), 8),
-                trace=os.environ.get("NPCALLS_TRACE", "0") == "1",
+                s["NPCALLS_TABLE"], capacity=s["NPCALLS_CAPACITY"],
+                key_width=s["NPCALLS_KEY_WIDTH"], mode=s["NPCALLS_MODE"],
+                trace=s["NPCALLS_TRACE"], lock_timeout=s["NPCALLS_LOCK_WAIT_MS"],
+                max_pending=s["NPCALLS_MAX_PENDING"],
+                stop_inserts_missing=s["NPCALLS_STOP_INSERTS_MISSING"],
             )
 
     def child_init(self, rank):

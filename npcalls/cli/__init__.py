@@ -35,6 +35,7 @@ VERB_MODULES = (
     "analysis_cmds",   # top, simulate
     "demo_cmd",        # demo
     "ops_cmds",        # exporter, export
+    "kamailio_cmd",    # kamailio-script
 )
 
 

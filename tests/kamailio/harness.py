@@ -27,7 +27,13 @@ REPO = HERE.parent.parent
 EXAMPLE = REPO / "examples" / "kamailio"
 KAMAILIO_CFG = EXAMPLE / "kamailio.cfg"
 ROUTING_SCRIPT = EXAMPLE / "npcalls_routing.py"
+NATIVE_CFG = REPO / "examples" / "kamailio-native" / "kamailio.cfg"
+NATIVE_SCRIPT = REPO / "npcalls" / "kamailio_script" / "npcalls_native.py"
+# Stack(config=...): the KEMI example, or the native example with BYE/reply-route
+# recording or with dialog event_route recording.
+CONFIGS = ("kemi", "native", "native-dialog")
 UAC_XML = HERE / "uac.xml"
+UAC_SILENT_XML = HERE / "uac_silent.xml"
 UAS_ANSWER_XML = HERE / "uas_answer.xml"
 UAS_BUSY_XML = HERE / "uas_busy.xml"
 
@@ -229,7 +235,9 @@ class UacResult:
         return set(self.answered) & set(self.bye)
 
 
-_LOG = re.compile(r"^(INVITE|ANSWERED|BYEOK|BYE|BUSY) (\S+)(?: (\d+)(?:\.0*)? (\d+)(?:\.0*)?)?\s*$")
+# sipp prints a variable holding 0 as nothing: "BYE <cid> 1796304246.000000 " when
+# gettimeofday's microseconds were 0 (seen once in some 15,000 lines).
+_LOG = re.compile(r"^(INVITE|ANSWERED|BYEOK|BYE|BUSY) (\S+)(?: (\d+)(?:\.0*)?(?: (\d+)(?:\.0*)?)?)?\s*$")
 
 
 def parse_uac_log(path: Path, res: UacResult) -> None:
@@ -241,7 +249,7 @@ def parse_uac_log(path: Path, res: UacResult) -> None:
         if kind == "BUSY":
             res.busy.add(cid)
         else:
-            t = int(s) + int(us) / 1e6
+            t = int(s) + int(us or 0) / 1e6
             {"INVITE": res.invite, "ANSWERED": res.answered, "BYE": res.bye,
              "BYEOK": res.bye_ok}[kind][cid] = t
 
@@ -290,11 +298,27 @@ class Stack:
         NPCALLS_RECORD: record calls in the table, or route identically without.
     trace : bool
         NPCALLS_TRACE: one Kamailio log line per recorded start/stop.
+    config : str
+        One of CONFIGS: "kemi" (examples/kamailio/), "native" or
+        "native-dialog" (examples/kamailio-native/ without or with
+        WITH_DIALOG_EVENTS).  Without ``record``, the native config runs
+        with NO_NPCALLS (no app_python3 at all).
+    dlg_timeout : int, optional
+        The native dialog variant's DLG_TIMEOUT (seconds).
+    lock_wait_ms : float, optional
+        NPCALLS_LOCK_WAIT_MS for the helper (default: the helper's own).
     """
 
     def __init__(self, workdir: Path, *, workers: int = 4, record: bool = True,
                  trace: bool = False, table: str = "calls", capacity: int = 65536,
-                 shm_mb: int = 256, loglevel: int = 2, table_dir: Path | None = None) -> None:
+                 shm_mb: int = 256, loglevel: int = 2, table_dir: Path | None = None,
+                 config: str = "kemi", dlg_timeout: int | None = None,
+                 lock_wait_ms: float | None = None) -> None:
+        if config not in CONFIGS:
+            raise ValueError(f"config must be one of {CONFIGS}, not {config!r}")
+        self.config = config
+        self.dlg_timeout = dlg_timeout
+        self.lock_wait_ms = lock_wait_ms
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.table_dir = Path(table_dir) if table_dir else self.workdir
@@ -336,6 +360,11 @@ class Stack:
                    NPCALLS_RECORD="1" if self.record else "0",
                    NPCALLS_TRACE="1" if self.trace else "0",
                    NPCALLS_SITE=site_packages())
+        if self.lock_wait_ms is not None:
+            env["NPCALLS_LOCK_WAIT_MS"] = str(self.lock_wait_ms)
+        for k in ("NPCALLS_CONFIG", "NPCALLS_KEY_WIDTH", "NPCALLS_MODE", "NPCALLS_MAX_PENDING",
+                  "NPCALLS_STOP_INSERTS_MISSING"):
+            env.pop(k, None)        # only what this stack sets
         # The embedded interpreter must not pick up this interpreter's settings.
         for k in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "VIRTUAL_ENV"):
             env.pop(k, None)
@@ -360,9 +389,17 @@ class Stack:
 
     def _start_kamailio(self) -> None:
         wd = self.workdir
-        argv = ["kamailio", "-f", str(KAMAILIO_CFG),
-                "-A", f'KEMI_SCRIPT="{ROUTING_SCRIPT}"',
-                "-A", f"LISTEN=udp:{HOST}:{self.proxy_port}",
+        if self.config == "kemi":
+            argv = ["kamailio", "-f", str(KAMAILIO_CFG), "-A", f'KEMI_SCRIPT="{ROUTING_SCRIPT}"']
+        else:
+            argv = ["kamailio", "-f", str(NATIVE_CFG), "-A", f'NPCALLS_SCRIPT="{NATIVE_SCRIPT}"']
+            if self.config == "native-dialog":
+                argv += ["-A", "WITH_DIALOG_EVENTS"]
+            if not self.record:
+                argv += ["-A", "NO_NPCALLS"]
+            if self.dlg_timeout:
+                argv += ["-A", f"DLG_TIMEOUT={int(self.dlg_timeout)}"]
+        argv += ["-A", f"LISTEN=udp:{HOST}:{self.proxy_port}",
                 "-A", f"WORKERS={self.workers}",
                 "-A", f"LOGLEVEL={self.loglevel}",
                 "-DD", "-E", "-m", str(self.shm_mb), "-M", "16",
@@ -442,9 +479,19 @@ class Stack:
 
     def run_uac(self, calls: int, rate: float, call_ms: int, busy_every: int = 0,
                 timeout: float = 120.0, name: str = "uac", rtt: bool = False,
-                limit: int | None = None) -> UacResult:
+                limit: int | None = None, scenario: Path = UAC_XML) -> UacResult:
         """Place ``calls`` calls at ``rate`` calls/s through the proxy; every
-        ``busy_every``-th call (if > 0) goes to the busy UAS.  Blocks until sipp ends."""
+        ``busy_every``-th call (if > 0) goes to the busy UAS.  Blocks until sipp ends.
+
+        ``scenario`` UAC_SILENT_XML places calls that end without a BYE."""
+        p = self.start_uac(calls, rate, call_ms, busy_every, name=name, rtt=rtt, limit=limit,
+                           scenario=scenario)
+        return self.finish_uac(p, timeout)
+
+    def start_uac(self, calls: int, rate: float, call_ms: int, busy_every: int = 0, *,
+                  name: str = "uac", rtt: bool = False, limit: int | None = None,
+                  scenario: Path = UAC_XML) -> "Proc":
+        """Start a sipp UAC in the background (see run_uac); finish_uac() collects it."""
         wd = self.workdir
         inf = wd / f"{name}.csv"
         with open(inf, "w") as f:
@@ -457,7 +504,7 @@ class Stack:
         log = wd / f"{name}-calls.log"
         stat = wd / f"{name}-stat.csv"
         lport = free_udp_ports(1)[0]
-        argv = ["sipp", f"{HOST}:{self.proxy_port}", "-sf", str(UAC_XML), "-inf", str(inf),
+        argv = ["sipp", f"{HOST}:{self.proxy_port}", "-sf", str(scenario), "-inf", str(inf),
                 "-i", HOST, "-p", str(lport), "-mp", str(free_udp_ports(1)[0]),
                 "-m", str(calls), "-r", str(rate), "-rp", "1000", "-d", str(call_ms),
                 "-nostdin", "-nd", "-default_behaviors", "all,-abortunexp",
@@ -470,15 +517,21 @@ class Stack:
         if rtt:
             argv += ["-trace_rtt", "-rtt_freq", "1"]     # -> uac_<pid>_rtt.csv in the cwd
         p = Proc(name, argv, wd, self.env(), wd / f"{name}.out")
+        p.t0 = time.monotonic()
+        p.uac = (calls, log, stat, rtt and wd / f"{scenario.stem}_{p.pid}_rtt.csv")
         self.procs.append(p)
-        t0 = time.monotonic()
+        return p
+
+    def finish_uac(self, p: "Proc", timeout: float = 120.0) -> UacResult:
+        """Wait for a UAC started by start_uac() and parse what it logged."""
+        calls, log, stat, rtt = p.uac
         try:
-            rc = p.wait(timeout)
+            rc = p.wait(max(1.0, timeout - (time.monotonic() - p.t0)))
         except subprocess.TimeoutExpired:
             p.stop()
             raise HarnessError(f"sipp uac did not finish {calls} calls in {timeout}s:\n"
                                f"{p.output()[-3000:]}")
-        elapsed = time.monotonic() - t0
+        elapsed = time.monotonic() - p.t0
         p.stop()
         self.procs.remove(p)
         res = UacResult(returncode=rc, elapsed=elapsed, output=p.output())
@@ -487,7 +540,7 @@ class Stack:
         if stat.exists():
             res.stats = parse_stat_csv(stat)
         if rtt:
-            res.rtt = parse_rtt(wd / f"{UAC_XML.stem}_{p.pid}_rtt.csv")
+            res.rtt = parse_rtt(rtt)
         return res
 
 
@@ -557,13 +610,58 @@ def parse_kamailio_log(text: str) -> AccRecords:
     return r
 
 
-PYTHON_ERRORS = re.compile(r"Traceback|python_handle_exception|Unhandled exception|"
+PYTHON_ERRORS = re.compile(r"Traceback|python_handle_exception|Unhandled exception|SystemError|"
                            r"app_python3.*ERROR|ERROR: app_python3|npcalls: .*failed|"
                            r"cannot open or create table")
 
 
 def python_errors(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if PYTHON_ERRORS.search(ln)]
+
+
+_PID = re.compile(r"^\s*\d+\((\d+)\)")
+
+
+def error_lines(text: str) -> tuple[list[str], list[str]]:
+    """Kamailio's ERROR/CRITICAL/BUG/ALERT lines: (dialog-module races, all others).
+
+    Two races inside Kamailio 5.6's dialog module between workers handling
+    one dialog are harmless and tolerated by the tests when rare (at most 1%
+    of the calls); anything else fails them:
+
+    * CRITICAL "bogus event N in state M" (dlg_hash.c): a reply races the
+      dialog's state change in another worker (a late 200 retransmission
+      after the ACK, say);
+    * CRITICAL "update_dlg_timer(): Trying to update a bogus dlg" (dlg_timer.c)
+      followed, from the same process, by ERROR "dlg_onroute(): failed to
+      update dialog lifetime": the 2xx's worker marks the dialog confirmed,
+      runs event_route[dialog:start] and only then puts the dialog on its
+      timer list; an ACK handled meanwhile by another worker finds no timer
+      to refresh.  The 2xx's worker then inserts the timer with the same
+      lifetime, so nothing is lost.  Any work in dialog:start widens that
+      window (a worker descheduled there on a loaded machine, say).
+
+    Each race counts once in the first list (a pair counts as one).
+    """
+    bad = [ln for ln in text.splitlines()
+           if any(f" {lvl}:" in ln for lvl in ("ERROR", "CRITICAL", "BUG", "ALERT"))]
+    races, other = [], []
+    timer_race_pids: list[str] = []
+    for ln in bad:
+        m = _PID.match(ln)
+        pid = m.group(1) if m else None
+        if "dlg_hash.c" in ln and "bogus event" in ln and " CRITICAL:" in ln:
+            races.append(ln)
+        elif "dlg_timer.c" in ln and "update_dlg_timer(): Trying to update a bogus dlg" in ln \
+                and " CRITICAL:" in ln and pid:
+            races.append(ln)
+            timer_race_pids.append(pid)
+        elif ("dlg_handlers.c" in ln and "dlg_onroute(): failed to update dialog lifetime" in ln
+              and " ERROR:" in ln and pid in timer_race_pids):
+            timer_race_pids.remove(pid)         # the second line of that race
+        else:
+            other.append(ln)
+    return races, other
 
 
 def main() -> None:  # pragma: no cover - manual smoke run
