@@ -197,9 +197,10 @@ class CallTable:
                 if self._lock is not None:
                     self._lock.close()
                 raise
-            # an instance attribute: the default mode's get() keeps its fast path
-            # without even a test for the mode
-            self.get = self._get_shared     # type: ignore[method-assign]
+            # The class whose get() takes the shared lock: the default mode's get()
+            # keeps its fast path without even a test for the mode (and a bound
+            # method stored on the instance would make a reference cycle).
+            self.__class__ = _SharedReadCallTable
         self._set_geometry(mapping)
         self.last_rounds = 0
         """Probe rounds the last batch operation of this object took."""
@@ -921,13 +922,6 @@ class CallTable:
             if b == nb:
                 b = 0
 
-    def _get_shared(self, call_id: str | bytes) -> tuple[int, int] | None:
-        """get() in the shared read mode: the same probe, under the shared lock."""
-        if self._closed:
-            raise TableClosedError(f"table {self._path} is closed")
-        with self._rl:
-            return CallTable.get(self, call_id)
-
     def _read_row_slow(self, mv: Any, q: Any, o: int, unpack_row: Any) -> tuple[int, int, bytes]:
         """Re-read a row a writer may be changing.
 
@@ -1569,6 +1563,15 @@ def _stamp_lock(tmp: str, ino: int) -> None:
         os.pwrite(fd, struct.pack("<Q", ino), LOCK_INO_OFFSET)
     finally:
         os.close(fd)
+class _SharedReadCallTable(CallTable):
+    """A :class:`CallTable` handle in the shared read mode (set by ``__init__``)."""
+
+    def get(self, call_id: str | bytes) -> tuple[int, int] | None:
+        """``(start, end)`` of a call, or None if absent; under the shared read lock."""
+        if self._closed:
+            raise TableClosedError(f"table {self._path} is closed")
+        with self._rl:
+            return CallTable.get(self, call_id)
 
 
 class _ClosedWords:
