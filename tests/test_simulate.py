@@ -164,6 +164,15 @@ def test_simulate_stops_cleanly_on_a_signal(tdir, how):
     assert (snap["end"] != NOT_SET).all()
 
 
+def _started(name: str) -> int:
+    """Calls the simulator started so far (0 while its table does not exist yet)."""
+    try:
+        with npcalls.CallTable.open(name, readonly=True) as t:
+            return t.counters().n_started
+    except npcalls.NpcallsError:
+        return 0
+
+
 def test_workers_do_not_outlive_a_killed_simulator(tdir):
     """SIGKILL of the parent: the workers see their stop pipe close and wind down."""
     name = f"sim-{uuid.uuid4().hex[:8]}"
@@ -178,7 +187,11 @@ def test_workers_do_not_outlive_a_killed_simulator(tdir):
         while time.monotonic() < deadline and len(kids) < 2:
             time.sleep(0.2)
             kids = [k for k in _children(p.pid) if _alive(k)]
-        time.sleep(1.0)                        # running, with calls up
+        # running, with calls up: wait for the first starts rather than a fixed
+        # time (worker start-up can take seconds on a loaded machine)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _started(name) < 20:
+            time.sleep(0.1)
         p.kill()
         p.wait()
         deadline = time.monotonic() + 10
