@@ -75,7 +75,8 @@ def register(sub: Any) -> None:
     g.add_argument("--batch-size", type=positive_int, default=None,
                    help="event rows per table write (default 500000)")
     g.add_argument("--jobs", "-j", type=int, default=None,
-                   help="processes parsing large files (default: the idle CPUs; 1 = none)")
+                   help="processes parsing large files (default: the CPUs this process may "
+                        "use; 1 = none)")
     g.add_argument("--show-bad", type=int, default=10, metavar="N",
                    help="bad lines to show with file:line (default 10; all are counted)")
     g.add_argument("--quiet", "-q", action="store_true",

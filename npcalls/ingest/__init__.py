@@ -12,7 +12,8 @@ lines), :mod:`.loader` (batches into the table, acc/CDR reconciliation),
 :mod:`.run` (the whole load), :mod:`.summary` (what it did).
 """
 
-from .acc import AccParser, Parsed, Problem, parse_acc_text, parse_cdr_text
+from .acc import AccParser, parse_acc_text, parse_cdr_text
+from .common import Parsed, Problem
 from .loader import DEFAULT_BATCH, Loader, aggregate
 from .run import FORMATS, detect_format, ingest
 from .sources import Source, SourceError, Tail, open_source

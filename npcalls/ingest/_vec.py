@@ -61,8 +61,9 @@ def gather(m: np.ndarray, start: np.ndarray, length: np.ndarray | None, k: int,
         # Fancy-indexing rows of a sliding-window view copies k bytes per row
         # with no (n, k) index array: several times faster than np.take.
         over = base > size - k
-        out = _windows(flat, k)[np.minimum(base, size - k) if over.any() else base]
-        if over.any():                      # windows past the end: the careful way
+        any_over = bool(over.any())
+        out = _windows(flat, k)[np.minimum(base, size - k) if any_over else base]
+        if any_over:                        # windows past the end: the careful way
             j = np.arange(k)
             out[over] = np.take(flat, base[over][:, None] + j, mode="clip") * \
                 (base[over][:, None] + j < size)

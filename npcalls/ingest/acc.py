@@ -30,8 +30,8 @@ line longer than the capture) are handed to a careful per-line parser, which
 is also the reference the tests compare the fast path with.  Bad lines are
 reported with their line numbers, which are only computed for them.
 
-Meaning of lines (see DESIGN.md, "Field facts")
------------------------------------------------
+Meaning of lines
+----------------
 * answered INVITE (2xx, not ``call missed``): the call starts; a later
   answered INVITE with the same Call-ID (re-INVITE) is ignored downstream,
   because the first start is kept;
@@ -59,13 +59,15 @@ Call-ID, if it is the last field, cannot be told from a complete one).
 from __future__ import annotations
 
 import re
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 
 from ..layout import NOT_SET
 from ._vec import (S, Template, decimal_ns, digits, field, find_in, gather, key_check, matrix,
                    parse_iso, starts)
+from .common import (ChunkLines, Parsed, Problem, call_id_problem, clean_eol,
+                     count_problem, problem_text, show, too_long_reason)
 
 __all__ = ["AccParser", "Parsed", "Problem", "parse_acc_text", "parse_cdr_text", "clean_eol"]
 
@@ -78,7 +80,6 @@ _CDR_RX = re.compile(rb" start_time=(.{0,%d})" % _REST)
 # a CDR line without any prefix starts with the field itself; the pattern that
 # allows this has no literal to scan for, so it is used only when needed
 _CDR_RX_BOL = re.compile(rb"(?:^| )start_time=(.{0,%d})" % _REST, re.M)
-_ESCAPES = re.compile(rb"(?:#0[0-3][0-7]|[\r\n])+$")
 
 _NS = 1_000_000_000
 _KNOWN_KINDS = frozenset({b"transaction answered", b"call missed", b"request acknowledged",
@@ -91,61 +92,7 @@ _CID_NAMES = (b"call_id", b"callid", b"call-id", b"sip_call_id", b"sip_callid", 
 START, END, CDR, FAILED, NONE, IGNORED, BAD = range(7)
 
 
-class Problem(NamedTuple):
-    """A line that could not be loaded."""
-
-    source: str
-    line: int
-    kind: str
-    """``"bad"`` (a needed field missing or unreadable) or ``"too_long"`` (Call-ID > key width)."""
-    reason: str
-    text: str
-
-
-class Parsed:
-    """What one chunk of a log holds: event rows, counts and problems.
-
-    Attributes
-    ----------
-    acc_keys, acc_start, acc_end : numpy.ndarray
-        One row per start (answered INVITE) or end (answered BYE) line, in
-        log order; the other time is ``NOT_SET``.
-    cdr_keys, cdr_start, cdr_end : numpy.ndarray
-        One row per CDR of an answered call.
-    lines, acc_lines, cdr_lines, records, failed, ignored, bad, too_long : int
-        Counts of this chunk's lines (``records``: good CSV/JSON rows, whose
-        events are in the ``acc_*`` arrays).
-    problems : list of Problem
-        The first problems (as many as the parser was asked to keep).
-    """
-
-    __slots__ = ("acc_keys", "acc_start", "acc_end", "cdr_keys", "cdr_start", "cdr_end",
-                 "lines", "acc_lines", "cdr_lines", "records", "failed", "ignored", "bad",
-                 "too_long", "problems", "fold")
-
-    def __init__(self) -> None:
-        empty_k = np.empty(0, "S1")
-        empty_t = np.empty(0, np.int64)
-        self.acc_keys = self.cdr_keys = empty_k
-        self.acc_start = self.acc_end = self.cdr_start = self.cdr_end = empty_t
-        self.lines = self.acc_lines = self.cdr_lines = self.records = self.failed = 0
-        self.ignored = self.bad = self.too_long = 0
-        self.problems: list[Problem] = []
-        self.fold = True
-        """Whether rows of one call are likely to repeat (a log: INVITE, BYE, CDR
-        lines), so that folding a batch to one row per call pays."""
-
-    @property
-    def rows(self) -> int:
-        return len(self.acc_keys) + len(self.cdr_keys)
-
-
 # ---------------------------------------------------------------------- per line (reference)
-
-def clean_eol(b: bytes) -> bytes:
-    """Drop a line's end: CR/LF and rsyslog's escapes of control characters (``#015#012``)."""
-    return _ESCAPES.sub(b"", b)
-
 
 def _fields(body: bytes, sep: bytes = b";") -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
@@ -198,30 +145,7 @@ def acc_time(f: dict[bytes, bytes]) -> tuple[int | None, str]:
         return max(cands)[2], ""
     if ts is None:
         return None, "no time (timestamp=)"
-    return None, f"unreadable timestamp {_show(ts)}"
-
-
-def _show(v: bytes, n: int = 40) -> str:
-    s = v.decode("utf-8", "backslashreplace")
-    return repr(s if len(s) <= n else s[:n] + "...")
-
-
-def call_id_problem(cid: bytes) -> str | None:
-    """Why a Call-ID cannot be a key (None if it can): RFC 3261 wants printable ASCII.
-
-    Bytes above ASCII are accepted when they are valid UTF-8 (tables store
-    UTF-8 keys), never control bytes, spaces or NUL.
-    """
-    if not cid:
-        return "empty Call-ID"
-    if any(c < 33 or c == 127 for c in cid):
-        return f"Call-ID {_show(cid)} holds spaces or control bytes"
-    if max(cid) > 127:
-        try:
-            cid.decode("utf-8")
-        except UnicodeDecodeError:
-            return f"Call-ID {_show(cid)} is not valid UTF-8"
-    return None
+    return None, f"unreadable timestamp {show(ts)}"
 
 
 def _call_id(body: bytes, f: dict[bytes, bytes]) -> bytes | None:
@@ -263,12 +187,12 @@ def parse_acc_text(rest: bytes) -> tuple:
     if method is None:
         return (BAD, "no method")
     if not method.isalpha():
-        return (BAD, f"unreadable method {_show(method)}")
+        return (BAD, f"unreadable method {show(method)}")
     code = f.get(b"code")
     if code is None:
         return (BAD, "no code")
     if not (code.isdigit() and len(code) == 3):
-        return (BAD, f"unreadable code {_show(code)}")
+        return (BAD, f"unreadable code {show(code)}")
     cid = _call_id(body, f)
     if cid is None:
         return (BAD, "no call_id")
@@ -375,7 +299,7 @@ def parse_cdr_text(rest: bytes) -> tuple:
     if du is not None:
         d = _decimal(du)
         if d is None:
-            return (BAD, f"unreadable duration {_show(du)}")
+            return (BAD, f"unreadable duration {show(du)}")
         dur = d[1]
     else:
         dur = en - st
@@ -388,46 +312,6 @@ def parse_cdr_text(rest: bytes) -> tuple:
 
 
 # ---------------------------------------------------------------------- per chunk (fast)
-
-class _Lines:
-    """Line numbers and texts of a chunk, computed only when a line must be reported."""
-
-    def __init__(self, chunk: bytes, base: int) -> None:
-        self.chunk = chunk
-        self.base = base
-        self._nl: np.ndarray | None = None
-        self._asked = 0
-
-    def number(self, off: int) -> int:
-        self._asked += 1
-        if self._nl is None and self._asked > 16:
-            self._nl = np.flatnonzero(np.frombuffer(self.chunk, np.uint8) == 10)
-        if self._nl is not None:
-            return self.base + int(np.searchsorted(self._nl, off)) + 1
-        return self.base + self.chunk.count(b"\n", 0, off) + 1
-
-    def text(self, off: int) -> bytes:
-        c = self.chunk
-        a = c.rfind(b"\n", 0, off) + 1
-        b = c.find(b"\n", off)
-        return c[a:b if b >= 0 else len(c)]
-
-
-def too_long_reason(n: int, key_width: int | None) -> str:
-    """Why a Call-ID of ``n`` bytes is refused, with a key width that would hold it if any can."""
-    from ..layout import MAX_KEY_WIDTH
-    if n > MAX_KEY_WIDTH:
-        return (f"line too long: its Call-ID is {n} bytes, more than any table holds "
-                f"(key width at most {MAX_KEY_WIDTH})")
-    return (f"Call-ID is {n} bytes, longer than the table's key width of {key_width} "
-            f"(create the table with a larger key width, e.g. --key-width "
-            f"{min(MAX_KEY_WIDTH, max(n, 2 * (key_width or 0)))})")
-
-
-def _line_text(b: bytes, n: int = 160) -> str:
-    s = clean_eol(b).decode("utf-8", "backslashreplace")
-    return s if len(s) <= n else s[:n] + "..."
-
 
 class AccParser:
     """Parse chunks of acc logs into event arrays.
@@ -478,7 +362,7 @@ class AccParser:
     def _parse(self, chunk: bytes, base_line: int, source: str) -> Parsed:
         p = Parsed()
         p.lines = chunk.count(b"\n")
-        lines = _Lines(chunk, base_line)
+        lines = ChunkLines(chunk, base_line)
         has_nul = b"\x00" in chunk
         acc_rows = _ACC_RX.findall(chunk)
         cdr_rx = _CDR_RX_BOL if self._bol_cdr else _CDR_RX
@@ -502,19 +386,16 @@ class AccParser:
             self.kept += len(p.problems)
         return p
 
-    def _problem(self, p: Parsed, kind: str, reason: str, source: str, lines: _Lines,
+    def _problem(self, p: Parsed, kind: str, reason: str, source: str, lines: ChunkLines,
                  off: int) -> None:
-        if kind == "bad":
-            p.bad += 1
-        else:
-            p.too_long += 1
+        count_problem(p, kind)
         # Each pass (acc lines, then CDR lines) meets its problems in line
         # order and keeps as many as are still wanted; parse() merges the
         # passes by line and keeps the first ones.
         if self._in_pass < self.max_problems - self.kept:
             self._in_pass += 1
             p.problems.append(Problem(source, lines.number(off), kind, reason,
-                                      _line_text(lines.text(off))))
+                                      problem_text(lines.text(off))))
 
     def _cut_rows(self, kind: str, A: np.ndarray, m: np.ndarray, cand: np.ndarray,
                   text: "Callable[[int], bytes]") -> np.ndarray:
@@ -572,7 +453,7 @@ class AccParser:
     def _too_long_reason(self, n: int) -> str:
         return too_long_reason(n, self.key_width)
 
-    def _acc(self, rows: list[bytes], chunk: bytes, lines: _Lines, has_nul: bool, p: Parsed,
+    def _acc(self, rows: list[bytes], chunk: bytes, lines: ChunkLines, has_nul: bool, p: Parsed,
              slow_events: list, source: str) -> None:
         # one byte wider than the longest row: every row ends with a NUL (see _cut_rows)
         A = np.array(rows, f"S{max(map(len, rows)) + 1}")
@@ -659,7 +540,7 @@ class AccParser:
         slow_events[:] = [e for e in slow_events if e[0] == CDR]
 
     def _slow_outcome(self, r: tuple, i: int, p: Parsed, slow_events: list, source: str,
-                      lines: _Lines, off: int, what: str) -> None:
+                      lines: ChunkLines, off: int, what: str) -> None:
         kind = r[0]
         if kind == BAD:
             self._problem(p, "bad", f"{what} line: {r[1]}", source, lines, off)
@@ -686,7 +567,7 @@ class AccParser:
         else:
             p.acc_lines += 1
 
-    def _cdr(self, rows: list[bytes], chunk: bytes, lines: _Lines, has_nul: bool, p: Parsed,
+    def _cdr(self, rows: list[bytes], chunk: bytes, lines: ChunkLines, has_nul: bool, p: Parsed,
              slow_events: list, source: str, rx: re.Pattern = _CDR_RX) -> None:
         B = np.array(rows, f"S{max(map(len, rows)) + 1}")
         if B.dtype.itemsize == 0:

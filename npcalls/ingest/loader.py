@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import BatchKeyError
 from ..layout import NOT_SET
-from .acc import Parsed
+from .common import Parsed
 from .summary import Summary
 
 __all__ = ["Loader", "aggregate", "DEFAULT_BATCH"]

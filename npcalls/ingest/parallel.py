@@ -15,7 +15,7 @@ import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Iterator
 
-from .acc import Parsed
+from .common import Parsed
 from . import sources as _sources
 
 __all__ = ["PARALLEL_MIN", "TASK_BYTES", "default_jobs", "ranges", "parse_range",
@@ -29,20 +29,16 @@ TASK_BYTES = 16 << 20
 
 
 def default_jobs() -> int:
-    """Worker processes to use: the CPUs this process may run on that are idle now (at most 8).
+    """Worker processes to use: the CPUs this process may run on (``os.sched_getaffinity``).
 
-    On a busy machine extra processes only fight for the same cores (and the
-    table writes in this process wait for them), so the load average counts.
+    A container or ``taskset`` limit is honoured; the load of the moment is
+    not guessed at (the scheduler shares the cores, and a parse that takes
+    every allowed core is what a batch load wants).  ``--jobs`` overrides it.
     """
     try:
-        n = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return max(1, min(8, int(n - load + 0.5)))
+        return max(1, os.cpu_count() or 1)
 
 
 def ranges(start: int, size: int, task: int = TASK_BYTES) -> list[tuple[int, int]]:

@@ -6,7 +6,8 @@ import os
 import time
 from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
-from .acc import AccParser, Parsed
+from .acc import AccParser
+from .common import Parsed
 from .loader import DEFAULT_BATCH, Loader
 from . import parallel as _par
 from .sources import SourceError, Tail, TruncatedInput, open_source

@@ -34,7 +34,8 @@ import numpy as np
 from ..layout import NOT_SET
 from ._vec import (S, UNIT_NS, decimal_ns, field, guess_unit, key_check, parse_column,
                    parse_iso, strip_if_needed)
-from .acc import Parsed, Problem, call_id_problem, too_long_reason
+from .common import (ChunkLines, Parsed, Problem, call_id_problem, count_problem,
+                     problem_text, too_long_reason)
 
 __all__ = ["TabularParser", "CALL_ID_NAMES", "START_NAMES", "END_NAMES", "TIME_UNITS",
            "TIME_WINDOW", "looks_like_csv_header"]
@@ -125,15 +126,11 @@ class TabularParser:
 
     def _problem(self, p: Parsed, kind: str, reason: str, source: str, line: int,
                  text: bytes) -> None:
-        if kind == "bad":
-            p.bad += 1
-        else:
-            p.too_long += 1
+        count_problem(p, kind)
         if self.kept < self.max_problems:
             self.kept += 1
-            t = text.rstrip(b"\r\n").decode("utf-8", "backslashreplace")
             p.problems.append(Problem(source, line, kind, reason,
-                                      t if len(t) <= 160 else t[:160] + "..."))
+                                      problem_text(text, log_escapes=False)))
 
     def _too_long(self, n: int) -> str:
         return too_long_reason(n, self.key_width)
@@ -254,7 +251,7 @@ class TabularParser:
             ends -= cr & (ends > starts)
         blank = ends == starts
         ok = (ncomma == self._ncols - 1) & ~blank
-        lines = _Lines(body, starts, ends)
+        lines = ChunkLines(body, 0, starts, ends)
         reasons: dict[int, str] = {}
         for i in np.flatnonzero(~ok & ~blank).tolist():
             if not lines[i].strip():
@@ -534,13 +531,3 @@ def _get(o: dict, wanted: str | None, defaults: Sequence[str]) -> Any:
         if d in o:
             return o[d]
     return None
-
-
-class _Lines:
-    """The lines of a chunk by number, cut out only when one must be shown."""
-
-    def __init__(self, body: bytes, starts: np.ndarray, ends: np.ndarray) -> None:
-        self.body, self.starts, self.ends = body, starts, ends
-
-    def __getitem__(self, i: int) -> bytes:
-        return self.body[int(self.starts[i]):int(self.ends[i])]
