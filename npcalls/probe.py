@@ -515,7 +515,8 @@ class SingleKeyView(NamedTuple):
     """What a single-key operation needs of a mapping, in one tuple.
 
     Unpacking one tuple costs less than the attribute look-ups it replaces
-    (operations take about a microsecond).  Hot paths unpack it in one
+    (operations take about a microsecond); CallTable keeps it as a plain
+    tuple, which CPython unpacks faster than a subclass.  Hot paths unpack it in one
     statement whose targets are these field names, in this order (``_`` for
     the ones not used): tests/test_protocol.py checks every such statement.
     """
@@ -535,8 +536,11 @@ class SingleKeyView(NamedTuple):
     seed: int           # XXH64 seed
 
 
-def find_one(fast: SingleKeyView, field: bytes, tag: int) -> tuple[int, int]:
-    """Writer-side probe for one key: (its slot or -1, first free slot on its path or -1)."""
+def find_one(fast: tuple[Any, ...], field: bytes, tag: int) -> tuple[int, int]:
+    """Writer-side probe for one key: (its slot or -1, first free slot on its path or -1).
+
+    ``fast`` is a :class:`SingleKeyView` (or the plain tuple of one).
+    """
     mm, mv, _, _, nb, tags_off, rows_off, rs, _, _, _, kf, _ = fast
     b = ((tag >> 32) * nb) >> 32
     free = -1
