@@ -10,7 +10,7 @@ BIN     := $(VENV)/bin
 CORE    := $(VENV)/.installed-core
 STAMP   := $(VENV)/.installed-dev
 
-.PHONY: demo test test-stress bench bench-kamailio system-deps clean
+.PHONY: demo test lint test-stress bench bench-kamailio system-deps clean
 
 # npcalls alone (numpy, xxhash): all the demo needs
 $(CORE): pyproject.toml
@@ -30,8 +30,13 @@ demo: $(CORE)
 system-deps:
 	scripts/install-system-deps.sh
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest
+
+# pyflakes + import order, and types (configured in pyproject.toml)
+lint: $(STAMP)
+	$(BIN)/ruff check npcalls tests
+	$(BIN)/mypy
 
 # The long runs: 10,000 crash kills, 10M churn cycles (see README).
 test-stress: $(STAMP) system-deps

@@ -7,9 +7,19 @@
 See README.md for the tour and docs/format.md for the on-memory format.
 """
 
-from .errors import (BatchKeyError, FormatError, InvalidKeyError, InvalidTimestampError,
-                     NpcallsError, ReadOnlyError, TableClosedError, TableExistsError,
-                     TableFullError, TableNotFoundError, TableRemovedError)
+from .errors import (
+                     BatchKeyError,
+                     FormatError,
+                     InvalidKeyError,
+                     InvalidTimestampError,
+                     NpcallsError,
+                     ReadOnlyError,
+                     TableClosedError,
+                     TableExistsError,
+                     TableFullError,
+                     TableNotFoundError,
+                     TableRemovedError,
+)
 from .layout import FORMAT_VERSION, NOT_SET
 from .table import CallTable, GetManyResult, Stats
 from .timestamps import from_seconds

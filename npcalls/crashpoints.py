@@ -15,7 +15,7 @@ __all__ = ["crashpoint", "CRASH_AT"]
 
 
 def crashpoint(name: str) -> None:
-    """Test hook: die here if $NPCALLSCRASH_AT names this point (crash-safety tests).
+    """Test hook: die here if $NPCALLS_CRASH_AT names this point (crash-safety tests).
 
     Only on paths that are not per-call hot (batches, rebuilds, expiry); the
     tests kill single operations at random lines with a trace function instead.
@@ -25,4 +25,4 @@ def crashpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-CRASH_AT = frozenset(filter(None, os.environ.get("NPCALLSCRASH_AT", "").split(",")))
+CRASH_AT = frozenset(filter(None, os.environ.get("NPCALLS_CRASH_AT", "").split(",")))

@@ -133,8 +133,7 @@ class TableCollector:
     def collect(self) -> Iterator[Any]:
         """Read every table once and yield the metric families (one scrape)."""
         _prometheus()                   # a clear ImportError if the extra is missing
-        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                            HistogramMetricFamily)
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
         lab = ["host", "table"]
 
         def g(name: str, doc: str, unit: str = "") -> Any:
@@ -168,7 +167,7 @@ class TableCollector:
         with self._lock:
             now = time.time_ns()
             for s in self._sources:
-                lv = [self.host, s.label]
+                lv: list[str] = [self.host, s.label]  # type: ignore[list-item]  # set in __post_init__
                 try:
                     t = self._attach(s)
                     cn = t.counters()

@@ -467,8 +467,8 @@ class CallMonitor:
                 return True
             self.stats["already_started"] += 1
             return False
-        insert = (self.stop_inserts_missing or deferred
-                  or (self._busy_recent and time.monotonic() < self._busy_recent))
+        insert = bool(self.stop_inserts_missing or deferred
+                      or (self._busy_recent and time.monotonic() < self._busy_recent))
         if t.stop(cid, ts, insert_missing=insert):
             self.stats["stopped"] += 1
             if self.trace:
@@ -489,6 +489,8 @@ class CallMonitor:
         only try once until they get it: a stalled table costs each SIP
         message one failed system call, not a wait.
         """
+        limit = self.lock_timeout
+        assert limit is not None        # callers take the unbounded path otherwise
         wl = self._wlock
         if wl is None or self._wlock_of is not t:
             if wl is not None:
@@ -502,7 +504,7 @@ class CallMonitor:
             wl = self._wlock = locking.WriterLock(t.lock_path)
             self._wlock_of = t
         now = time.monotonic()
-        deadline = now + (0.0 if self._busy_since else self.lock_timeout)
+        deadline = now + (0.0 if self._busy_since else limit)
         delay = 0.0002
         while True:
             try:
@@ -519,7 +521,7 @@ class CallMonitor:
                     holder = locking.lock_holder(t.lock_path)
                     self._error("lock_busy",
                                 f"writer lock of {self.name} busy for more than "
-                                f"{self.lock_timeout * 1e3:g} ms (held by pid {holder}): "
+                                f"{limit * 1e3:g} ms (held by pid {holder}): "
                                 f"recording deferred, not waiting again until it is free",
                                 "warn")
                 self._busy_recent = now + 60.0

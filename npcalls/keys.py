@@ -122,12 +122,13 @@ def encode_keys(keys: Any, key_width: int, key_field: int) -> EncodedKeys:
     # joined length (one more pass) is compared with the converted lengths.
     try:
         first = keys[0]
+        joined: str | bytes = ""
         if type(first) is str:
             joined = "".join(keys)
             ok = joined.isascii() and "\x00" not in joined
         elif type(first) is bytes:
             joined = b"".join(keys)
-            ok = b"\x00" not in joined
+            ok = 0 not in joined
         else:
             ok = False
         if ok and len(joined) <= n * key_width:

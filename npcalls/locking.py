@@ -15,7 +15,7 @@ Why POSIX record locks and not flock() or OFD locks:
 Their one trap is that closing *any* descriptor of the lock file drops every
 lock the process holds on it.  So each process keeps exactly one descriptor
 per lock file, shared by every CallTable object on that table and closed only
-when the last of them closes (:class:`_LockFile` is reference-counted).
+when the last of them closes (:class:`LockFile` is reference-counted).
 
 POSIX locks do not exclude threads of one process from each other, so each
 lock file also has a ``threading.RLock``; it is re-created in a forked child,
@@ -31,24 +31,28 @@ import stat
 import struct
 import threading
 import time
+from typing import Any
 
 from .errors import NpcallsError
 
-__all__ = ["WriterLock", "lock_holder", "WAIT_REPORT_S"]
+__all__ = ["WriterLock", "LockFile", "enter", "leave", "lock_holder", "WAIT_REPORT_S"]
 
 _lockf = fcntl.lockf
 _LOCK_EX = fcntl.LOCK_EX
 _LOCK_EX_NB = fcntl.LOCK_EX | fcntl.LOCK_NB
 _LOCK_UN = fcntl.LOCK_UN
 _BUSY = (errno.EAGAIN, errno.EACCES)
-_registry: dict[str, "_LockFile"] = {}
+_registry: dict[str, "LockFile"] = {}
 _registry_guard = threading.Lock()
+
 
 WAIT_REPORT_S = 1.0
 """A writer that has waited this long for the lock says so, once (logging, else stderr)."""
 
 
-class _LockFile:
+class LockFile:
+    """This process's one descriptor of a lock file, shared by every handle on it."""
+
     __slots__ = ("path", "key", "fd", "dev", "ino", "mode", "owner", "rlock", "depth", "refs")
 
     def __init__(self, path: str, key: str, fd: int, mode: int,
@@ -177,7 +181,7 @@ _watch_thread: threading.Thread | None = None
 _watch_pid = os.getpid()
 
 
-def _lock_waiting(lf: _LockFile) -> None:
+def _lock_waiting(lf: LockFile) -> None:
     """Block until the lock is ours; a watchdog thread reports a wait past WAIT_REPORT_S.
 
     Only reached when a non-blocking attempt found the lock taken, so the
@@ -233,13 +237,38 @@ def _watch() -> None:
                 "or very slow?); still waiting", os.getpid(), now - e[1], lf.path, who)
 
 
-def _lock_ex(lf: _LockFile) -> None:
+def _lock_ex(lf: LockFile) -> None:
     try:
         _lockf(lf.fd, _LOCK_EX_NB)
     except OSError as e:
         if e.errno not in _BUSY:
             raise
         _lock_waiting(lf)
+
+
+def enter(lf: LockFile) -> None:
+    """Take this process's writer lock on ``lf`` (re-entrant within a thread).
+
+    The thread lock first, then, at the outermost level only, the file lock
+    (uncontended: one non-blocking system call).  :meth:`WriterLock.__enter__`
+    and the single-key write of :class:`~npcalls.CallTable` use this.
+    """
+    lf.rlock.acquire()
+    if lf.depth == 0:
+        try:
+            _lock_ex(lf)
+        except BaseException:
+            lf.rlock.release()
+            raise
+    lf.depth += 1
+
+
+def leave(lf: LockFile) -> None:
+    """Undo one :func:`enter`; the file lock goes with the outermost level."""
+    lf.depth -= 1
+    if lf.depth == 0:
+        _lockf(lf.fd, _LOCK_UN)
+    lf.rlock.release()
 
 
 # ---------------------------------------------------------------- the lock file's identity
@@ -307,10 +336,15 @@ class WriterLock:
             lf = _registry.get(key)
             if lf is None:
                 fd, self.created = open_lock_file(path, mode, create=True, owner=owner)
-                lf = _LockFile(path, key, fd, mode, owner)
+                lf = LockFile(path, key, fd, mode, owner)
                 _registry[key] = lf
             lf.refs += 1
-        self._lf: _LockFile | None = lf
+        self._lf: LockFile = lf
+
+    @property
+    def lock_file(self) -> LockFile:
+        """The process-wide lock file this handle locks (for :func:`enter`/:func:`leave`)."""
+        return self._lf
 
     @property
     def inode(self) -> int:
@@ -320,7 +354,7 @@ class WriterLock:
     def acquire(self, timeout: float | None = None) -> None:
         """Take the lock, waiting up to ``timeout`` seconds (None: as long as it takes)."""
         lf = self._lf
-        if lf is None:
+        if lf is None:                  # closed (see close())
             raise NpcallsError("writer lock used after close")
         if timeout is None:
             lf.rlock.acquire()
@@ -338,7 +372,7 @@ class WriterLock:
         lf.depth += 1
 
     @staticmethod
-    def _acquire_polling(lf: _LockFile, timeout: float) -> None:
+    def _acquire_polling(lf: LockFile, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         delay = 0.0005
         while True:
@@ -357,23 +391,11 @@ class WriterLock:
 
     # The context-manager form is the hot path of every single write: kept lean.
     def __enter__(self) -> "WriterLock":
-        lf = self._lf
-        lf.rlock.acquire()
-        if lf.depth == 0:
-            try:
-                _lock_ex(lf)
-            except BaseException:
-                lf.rlock.release()
-                raise
-        lf.depth += 1
+        enter(self._lf)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        lf = self._lf
-        lf.depth -= 1
-        if lf.depth == 0:
-            _lockf(lf.fd, _LOCK_UN)
-        lf.rlock.release()
+        leave(self._lf)
 
     def release(self) -> None:
         """Release one level of the lock; the file lock goes when the outermost level does."""
@@ -383,7 +405,7 @@ class WriterLock:
             fcntl.lockf(lf.fd, fcntl.LOCK_UN)
         lf.rlock.release()
 
-    def settle(self, q, word: int) -> None:
+    def settle(self, q: Any, word: int) -> None:
         """With the lock held: make sure it is the lock every writer of the table takes.
 
         ``q[word]`` is the table header's record of the lock file's inode.
@@ -413,7 +435,7 @@ class WriterLock:
                     os.close(fd)
 
     @staticmethod
-    def _move(lf: _LockFile) -> None:
+    def _move(lf: LockFile) -> None:
         """Swap our (stale) lock file for the one at the path, and lock that."""
         fd, _ = open_lock_file(lf.path, lf.mode, create=True, owner=lf.owner)
         old = lf.fd
@@ -431,9 +453,11 @@ class WriterLock:
     def close(self) -> None:
         """Drop this handle; the descriptor closes when the process's last handle does."""
         lf = self._lf
-        if lf is None:
+        if lf is None:                  # already closed
             return
-        self._lf = None
+        # None, not Optional in the annotation: the hot methods would otherwise
+        # each need a test; using a closed handle fails with AttributeError
+        self._lf = None  # type: ignore[assignment]
         with _registry_guard:
             lf.refs -= 1
             if lf.refs == 0:

@@ -18,14 +18,22 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import probe
+from . import probe, protocol
 from .batching import bucket_order, group_sorted
 from .crashpoints import crashpoint
+from .errors import NpcallsError
 from .hashing import tags_of
 from .keys import encode_keys
-from .errors import NpcallsError
-from .layout import (DURATION_WORDS, NOT_SET, STATE_LIVE, STATE_REMOVED, STATE_RETIRED,
-                     TOMBSTONE, W, make_geometry)
+from .layout import (
+    DURATION_WORDS,
+    NOT_SET,
+    STATE_LIVE,
+    STATE_REMOVED,
+    STATE_RETIRED,
+    TOMBSTONE,
+    W,
+    make_geometry,
+)
 from .storage import Mapping, build_temp, open_mapping, same_file, stale_temp_files
 
 __all__ = ["CheckReport", "rebuild_locked", "rebuild_refusal", "check_locked", "sanitize_rows",
@@ -142,7 +150,7 @@ def rebuild_locked(t: Any, m: Mapping, capacity: int, rehash: bool = False) -> l
         raise NpcallsError(refusal)
     st = os.fstat(m.fd)
     w = int(m.q[_W_WSEQ]) & ~1
-    m.q[_W_WSEQ] = w + 1
+    protocol.open_op(m.q, w)
     tmp = None
     retired = renamed = False
     try:
@@ -198,10 +206,10 @@ def rebuild_locked(t: Any, m: Mapping, capacity: int, rehash: bool = False) -> l
                 pass
         if retired and not renamed:
             m.q[_W_STATE] = STATE_LIVE      # nothing replaced it: it is still the table
-        m.q[_W_WSEQ] = w + 2
+        protocol.close_op(m.q, w)
         raise
     new.path = t._path
-    m.q[_W_WSEQ] = w + 2
+    protocol.close_op(m.q, w)
     t._install(new)
     return dropped
 
@@ -280,7 +288,7 @@ def check_locked(t: Any, m: Mapping, notes: list, problems: list, repaired: list
                         "makes it live again")
     if repair and (crashed or stale or problems or (odd and not crashed)):
         if crashed or odd:
-            t._recover_locked(m)
+            protocol.recover(m, t._path)
             repaired.append("finished the recovery of a crashed writer")
         elif stale:
             for p in stale:

@@ -7,28 +7,24 @@ batch placement relies on).  A key lives in its home bucket or, if that bucket
 was full when the key was inserted, in one of the following buckets (linear
 probing over buckets, wrapping at the end).
 
-The invariant that makes lookups stop early and deletes cheap:
-
-    A bucket that holds an EMPTY slot has never been full since the table
-    was built, so no key was ever pushed past it.
-
-Hence a lookup stops at the first bucket that holds its key or an EMPTY slot,
-and a delete from a bucket that still holds an EMPTY slot may make the slot
-EMPTY again; only a delete from a full bucket leaves a TOMBSTONE (which
-lookups walk past and inserts reuse).  Buckets never regain an EMPTY slot
-otherwise, so the invariant is kept by induction.
+The invariant that makes lookups stop early (docs/format.md, "Hashing and
+probing"): no live key's walk, from its home bucket to the bucket holding
+it, passes a bucket that holds an EMPTY slot.  A lookup therefore stops at
+the first bucket holding its key or an EMPTY slot.  A delete may make its
+slot EMPTY again, and even reclaim a full bucket's tombstones, whenever no
+walk can pass the bucket (:func:`remove_slots` says when); otherwise it
+leaves a TOMBSTONE, which lookups walk past and inserts reuse.
 
 A *round* of a batch operation looks at one bucket for every pending key at
 once: one gather of 64-byte tag lines, an 8-wide compare, a gather of the
 candidate rows.  With 8-slot buckets nearly every key resolves in its home
 bucket; the benchmark prints the rounds each batch took.
 
-Row writes follow the seqlock protocol that lets readers go lock-free:
-``seq`` becomes odd, then the payload is written, then the tag is published,
-then ``seq`` becomes even.  x86-64 keeps stores in program order and loads in
-program order (TSO), and each step is a separate numpy call, so a reader that
-reads ``seq``, the row, then ``seq`` again and sees the same even value has
-read a row no writer touched in between.
+Row writes follow the order of docs/format.md, "Writing": the row's ``seq``
+becomes odd, then the payload is written, then the tag is published, then
+``seq`` becomes even.  Batch lookups read rows by the one-read rule of
+"Reading without a lock" (``wseq`` before, each row's ``seq`` after);
+:func:`find_one` serves writers, which hold the lock and need no check.
 """
 
 from __future__ import annotations
@@ -42,7 +38,7 @@ import numpy as np
 from .layout import BUCKET, EMPTY, NOT_SET, TOMBSTONE, W
 from .storage import Mapping
 
-__all__ = ["home_bucket", "home_bucket_one", "lookup", "place", "Found", "rows_equal",
+__all__ = ["SingleKeyView", "home_bucket", "home_bucket_one", "lookup", "place", "Found", "rows_equal",
            "row_is_stable", "overversioned",
            "remove_slots", "probe_lengths", "find_one", "free_one", "tomb_limit"]
 
@@ -103,9 +99,14 @@ class Found(NamedTuple):
     """Result of :func:`lookup`: per key its slot (-1 if absent) and, if asked, its times."""
 
     slot: np.ndarray
-    start: np.ndarray | None
-    end: np.ndarray | None
+    start: np.ndarray
+    """Start per key if asked for (``want_rows``), else an empty array."""
+    end: np.ndarray
     rounds: int
+
+
+_NO_ROWS = np.empty(0, np.int64)       # Found.start/end when the times were not asked for
+_NO_ROWS.flags.writeable = False
 
 
 _FOUND, _NOT_HERE, _RETRY = 1, 0, 2
@@ -172,8 +173,8 @@ def lookup(m: Mapping, tag: np.ndarray, keyq: np.ndarray, *, consistent: bool,
         return _lookup(m, tag, keyq, consistent=consistent, want_rows=want_rows,
                        stuck_ok=stuck_ok, key_index=key_index)
     slot = np.empty(n, np.int64)
-    start = np.empty(n, np.int64) if want_rows else None
-    end = np.empty(n, np.int64) if want_rows else None
+    start = np.empty(n, np.int64) if want_rows else _NO_ROWS
+    end = np.empty(n, np.int64) if want_rows else _NO_ROWS
     rounds = 0
     for c in range(0, n, CHUNK):
         sl = slice(c, c + CHUNK)
@@ -219,8 +220,8 @@ def _lookup(m: Mapping, tag: np.ndarray, keyq: np.ndarray, *, consistent: bool,
     n = len(tag)
     nb = m.geometry.nbuckets
     slot = np.full(n, -1, np.int64)
-    start = np.full(n, NOT_SET, np.int64) if want_rows else None
-    end = np.full(n, NOT_SET, np.int64) if want_rows else None
+    start = np.full(n, NOT_SET, np.int64) if want_rows else _NO_ROWS
+    end = np.full(n, NOT_SET, np.int64) if want_rows else _NO_ROWS
     b = home_bucket(tag, nb)
     steps = np.zeros(n, np.int64)
     pend = np.arange(n)
@@ -510,8 +511,36 @@ def free_one(m: Mapping, slot: int) -> int:
     return 1
 
 
-def find_one(fast: tuple, field: bytes, tag: int) -> tuple[int, int]:
-    """Writer-side probe for one key: (its slot or -1, first free slot on its path or -1)."""
+class SingleKeyView(NamedTuple):
+    """What a single-key operation needs of a mapping, in one tuple.
+
+    Unpacking one tuple costs less than the attribute look-ups it replaces
+    (operations take about a microsecond); CallTable keeps it as a plain
+    tuple, which CPython unpacks faster than a subclass.  Hot paths unpack it in one
+    statement whose targets are these field names, in this order (``_`` for
+    the ones not used): tests/test_protocol.py checks every such statement.
+    """
+
+    mm: Any             # the mmap (bytes slices compare keys)
+    mv: Any             # memoryview of it (struct unpack_from / pack_into)
+    q: Any              # the same as uint64 words
+    qi: Any             # the same as int64 words
+    nb: int             # buckets
+    tags_off: int       # byte offset of the tags
+    rows_off: int       # byte offset of the rows
+    rs: int             # row size in bytes
+    unpack_row: Any     # struct unpack_from of a row
+    pack_row: Any       # struct pack_into of a row
+    kw: int             # key width
+    kf: int             # key field size
+    seed: int           # XXH64 seed
+
+
+def find_one(fast: tuple[Any, ...], field: bytes, tag: int) -> tuple[int, int]:
+    """Writer-side probe for one key: (its slot or -1, first free slot on its path or -1).
+
+    ``fast`` is a :class:`SingleKeyView` (or the plain tuple of one).
+    """
     mm, mv, _, _, nb, tags_off, rows_off, rs, _, _, _, kf, _ = fast
     b = ((tag >> 32) * nb) >> 32
     free = -1

@@ -34,7 +34,6 @@ import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import secrets
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -276,7 +275,7 @@ def run(cfg: SimConfig, *, install_signals: bool = True, progress: Any = None) -
     run_id = secrets.token_hex(3)
     start_wall = time.time_ns()
     deadline = None if cfg.duration_ns is None else start_wall + cfg.duration_ns
-    stopping = {"signal": None}
+    stopping: dict[str, int | None] = {"signal": None}
 
     def on_signal(signum: int, frame: Any) -> None:
         # Only a flag: a handler that took a lock could deadlock with the
@@ -320,15 +319,17 @@ def run(cfg: SimConfig, *, install_signals: bool = True, progress: Any = None) -
                                                  - cfg.expire_after_ns))
             if progress is not None and now - progress_t >= 1.0:
                 progress_t = now
-                with CallTable.open(cfg.table, readonly=True) as r:
-                    progress(r.stats(), now - t0)
+                with CallTable.open(cfg.table, readonly=True) as reader:
+                    progress(reader.stats(), now - t0)
         stop_w.close()
         res = SimResult(expired=res_expired)
         got = 0
         limit = time.monotonic() + 10 + cfg.workers
         waiting = list(conns)
         while waiting and time.monotonic() < limit:
-            for c in mp_connection.wait(waiting, timeout=0.5):
+            # only our Connections come back (wait() is typed for sockets too)
+            ready: list[Any] = mp_connection.wait(waiting, timeout=0.5)
+            for c in ready:
                 waiting.remove(c)
                 try:
                     r = c.recv()
@@ -360,55 +361,6 @@ def run(cfg: SimConfig, *, install_signals: bool = True, progress: Any = None) -
                 p.join(timeout=2)
         for sig, h in old.items():
             signal.signal(sig, h)
-
-
-def _progress_line(s: Any, elapsed: float) -> None:
-    print(f"\r{elapsed:6.0f} s  {s.active:>9,} active  {s.n_started:>11,} started  "
-          f"{s.n_stopped:>11,} ended  load {s.load_factor:6.1%}", end="", file=sys.stderr,
-          flush=True)
-
-
-def main_from_args(a: Any) -> int:
-    """The ``npcalls simulate`` verb (see :mod:`npcalls.cli.analysis_cmds`)."""
-    from .cli._common import CliError
-    from .errors import TableExistsError, TableNotFoundError
-    from .table import CallTable
-    cfg = SimConfig(table=a.table, cps=a.cps, mean_hold_ns=a.mean_hold, hold_dist=a.hold_dist,
-                    hold_sigma=a.hold_sigma, duration_ns=a.duration or None,
-                    speedup=a.speedup, workers=a.workers, seed=a.seed, on_exit=a.on_exit,
-                    expire_after_ns=a.expire_after)
-    try:
-        cfg.check()
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    if a.create:
-        cap = a.capacity or default_capacity(cfg)
-        try:
-            CallTable.create(a.table, cap).close()
-            print(f"npcalls simulate: created {a.table} with {cap:,} slots", file=sys.stderr)
-        except TableExistsError:
-            pass                                # --create means "if it does not exist"
-    progress = _progress_line if sys.stderr.isatty() and not a.quiet else None
-    try:
-        res = run(cfg, progress=progress)
-        if progress is not None:
-            print(file=sys.stderr)
-    except TableNotFoundError:
-        from .cli._common import no_table_message
-        raise CliError(no_table_message(a.table, ", or add --create")) from None
-    for e in res.errors:
-        print(f"npcalls simulate: {e}", file=sys.stderr)
-    print(f"npcalls simulate: {res.summary()}", file=sys.stderr)
-    if res.rejected:
-        print(f"npcalls simulate: {res.rejected:,} calls rejected: the table is full; "
-              f"`npcalls grow {a.table} --capacity N` makes room online (or run with "
-              "--expire-after)", file=sys.stderr)
-    if a.json:
-        import json
-        print(json.dumps(res.__dict__))
-    if res.errors:
-        return 2
-    return 1 if res.rejected else 0
 
 
 def churn(table: Any, cycles: int, active: int, batch: int = 50_000, seed: int = 0) -> None:

@@ -83,12 +83,7 @@ class Mapping:
         self.rows = np.frombuffer(self.mm, row_dtype(g.key_field), g.capacity, g.rows_offset)
         self.rowq = np.frombuffer(self.mm, np.uint64, g.capacity * g.row_size // 8,
                                   g.rows_offset).reshape(g.capacity, g.row_size // 8)
-        self.rowv = np.frombuffer(self.mm, np.dtype((np.void, g.row_size)), g.capacity,
-                                  g.rows_offset)
         self.seqcol = self.rowq[:, 0]
-        self.tag_word0 = g.tags_offset // 8
-        self.row_word0 = g.rows_offset // 8
-        self.row_words = g.row_size // 8
 
     def __del__(self) -> None:
         # A mapping a rebuild left behind is never closed explicitly (another
@@ -103,7 +98,7 @@ class Mapping:
 
     def close(self) -> None:
         """Release every view, then the mapping and the descriptor."""
-        for attr in ("tags", "tags2d", "rows", "rowq", "rowv", "seqcol"):
+        for attr in ("tags", "tags2d", "rows", "rowq", "seqcol"):
             self.__dict__.pop(attr, None)
         for attr in ("qi", "q", "mv"):
             v = self.__dict__.pop(attr, None)
@@ -284,7 +279,7 @@ def _reserve_or_refuse(fd: int, path: str, size: int, allocated: int, readonly: 
         if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
             return              # a filesystem without fallocate: nothing to reserve with
         d = os.path.dirname(os.path.abspath(path))
-        raise FormatError(f"{what} and its space cannot be reserved: {os.strerror(e.errno)}; "
+        raise FormatError(f"{what} and its space cannot be reserved: {os.strerror(e.errno or 0)}; "
                           f"free space in {d}, or copy the table again with "
                           "`cp --sparse=never`") from None
 
@@ -302,7 +297,7 @@ def stale_temp_files(path: str) -> list[str]:
     """Temporary files left by creators or rebuilders that died (their pid is gone)."""
     d = os.path.dirname(os.path.abspath(path))
     prefix = f".{os.path.basename(path)}.new-"
-    out = []
+    out: list[str] = []
     try:
         names = os.listdir(d)
     except OSError:

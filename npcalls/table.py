@@ -6,12 +6,15 @@ Concurrency model (the LMDB shape: one writer at a time, readers never wait):
   operation makes the header word ``wseq`` odd while it runs and even when it
   is done; a writer that finds it odd on taking the lock knows its
   predecessor died mid-operation and repairs the table first
-  (:meth:`CallTable._recover_locked`).
-* Readers take no lock.  Each row carries a seqlock word: a reader reads it,
-  the row, and it again, and re-reads the row if a writer was changing it.
-  Rows never move while a file is live, so a key present for a whole read is
-  always found.  That needs x86's store order; on other CPUs (or on request)
-  readers hold a shared lock for each read instead (:mod:`npcalls.readlock`).
+  (:func:`npcalls.protocol.recover`).
+* Readers take no lock.  Each row carries a version word ``seq``; batch
+  reads and snapshots read ``wseq`` first and each row's ``seq`` after the
+  row (the one-read rule of docs/format.md, "Reading without a lock"), while
+  the single-key :meth:`CallTable.get` reads ``seq``, the row, ``seq``.  A
+  row a writer was changing is read again.  Rows never move while a file is
+  live, so a key present for a whole read is always found.  That needs x86's
+  store order; on other CPUs (or on request) readers hold a shared lock for
+  each read instead (:mod:`npcalls.readlock`).
 * Growth and tombstone compaction build a new file and rename it over the
   path; the old file is marked RETIRED first.  A process notices at its next
   operation and re-attaches; a reader in the middle of a batch finishes on the
@@ -26,29 +29,54 @@ import secrets
 import struct
 import threading
 import time
+from bisect import bisect_left as _bisect_left
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
+import xxhash
 
-from . import probe
-from .errors import (BatchKeyError, FormatError, NpcallsError, ReadOnlyError, TableClosedError,
-                     TableFullError, TableNotFoundError, TableRemovedError)
-from . import maintenance
+from . import maintenance, probe, protocol
 from .batching import group_sorted
 from .crashpoints import crashpoint
+from .errors import (
+    BatchKeyError,
+    NpcallsError,
+    ReadOnlyError,
+    TableClosedError,
+    TableFullError,
+    TableNotFoundError,
+)
 from .hashing import tags_of
 from .keys import encode_key, encode_keys
-from .layout import (DEFAULT_MAX_LOAD, DURATION_BOUNDS_NS, DURATION_BOUNDS_S, FLAG_AUTO_GROW,
-                     LOCK_INO_OFFSET, NOT_SET, STATE_LIVE, STATE_REMOVED, STATE_RETIRED, TOMBSTONE,
-                     W, make_geometry, snapshot_dtype)
-from .locking import _BUSY, _LOCK_EX_NB, _LOCK_UN, WriterLock, _lock_waiting, _lockf, lock_holder
+from .layout import (
+    DEFAULT_MAX_LOAD,
+    DURATION_BOUNDS_NS,
+    DURATION_BOUNDS_S,
+    FLAG_AUTO_GROW,
+    LOCK_INO_OFFSET,
+    NOT_SET,
+    STATE_LIVE,
+    STATE_REMOVED,
+    STATE_RETIRED,
+    TOMBSTONE,
+    W,
+    make_geometry,
+    snapshot_dtype,
+)
+from .locking import WriterLock, lock_holder
+from .locking import enter as _enter
+from .locking import leave as _leave
 from .readlock import SHARED, SharedReadLock, resolve_read_mode
-from .storage import (Mapping, build_temp, link_into_place, open_mapping, remove_files, resolve,
-                      same_file, stale_temp_files)
+from .storage import (
+    Mapping,
+    build_temp,
+    link_into_place,
+    open_mapping,
+    remove_files,
+    resolve,
+    stale_temp_files,
+)
 from .timestamps import to_ns, to_ns_array
-
-import xxhash
-from bisect import bisect_left as _bisect_left
 
 __all__ = ["CallTable", "Stats", "Counters", "GetManyResult", "CheckReport"]
 
@@ -61,7 +89,7 @@ _I64_MAX = (1 << 63) - 1
 _W_STATE, _W_WSEQ, _W_COUNT, _W_TOMB = W["state"], W["wseq"], W["count"], W["tombstones"]
 _W_NSTART, _W_NSTOP, _W_NREM = W["n_started"], W["n_stopped"], W["n_removed"]
 _W_LOCK = W["lock_ino"]
-_WSEQ_WRAP = 1 << 63        # a writer sequence this high is renumbered (see _renumber_locked)
+_WSEQ_WRAP = protocol.WSEQ_WRAP  # a writer sequence this high is renumbered
 _SLOW = 1 | _WSEQ_WRAP      # wseq bits that send a write to the general path
 _W_DURSUM, _W_DUR0 = W["dur_sum_us"], W["dur_bucket_0"]
 _DUR_BOUNDS = np.array(DURATION_BOUNDS_NS, np.int64)
@@ -83,7 +111,7 @@ def _observe_duration(mv: memoryview, d: int) -> None:
         _U64.pack_into(mv, _DURSUM_OFF, (_U64.unpack_from(mv, _DURSUM_OFF)[0] + d // 1000) & _M64)
 
 
-def _observe_durations(q: np.ndarray, d: np.ndarray) -> None:
+def _observe_durations(q: Any, d: np.ndarray) -> None:
     """Count many calls that now have both times (lock held)."""
     n = np.bincount(np.searchsorted(_DUR_BOUNDS, d, side="left"), minlength=len(_DUR_BOUNDS) + 1)
     for i in np.flatnonzero(n):
@@ -96,7 +124,7 @@ class Counters(NamedTuple):
 
     capacity: int
     limit: int
-    count: int
+    count: int  # type: ignore[assignment]  # public field name; shadows tuple.count
     tombstones: int
     generation: int
     n_started: int
@@ -116,7 +144,7 @@ class Stats(NamedTuple):
 
     path: str
     capacity: int
-    count: int
+    count: int  # type: ignore[assignment]  # public field name; shadows tuple.count
     limit: int
     load_factor: float
     key_width: int
@@ -187,7 +215,7 @@ class CallTable:
         else:
             st = os.fstat(mapping.fd)
             self._lock = WriterLock(lock_path, st.st_mode & 0o7777, owner=(st.st_uid, st.st_gid))
-        self._lockfile = None if readonly else self._lock._lf
+        self._lockfile = None if self._lock is None else self._lock.lock_file
         if self._read_mode == SHARED:
             self._rl = SharedReadLock(lock_path, maintenance.file_mode(mapping.fd), self._path)
             try:
@@ -219,9 +247,12 @@ class CallTable:
         self._row = struct.Struct(f"<Qqq{g.key_field}s")
         # Everything a single-key operation needs, in one tuple: unpacking it
         # costs less than the attribute look-ups it replaces (ops are ~1 us).
-        self._fast = (m.mm, m.mv, m.q, m.qi, g.nbuckets, g.tags_offset, g.rows_offset,
-                      g.row_size, self._row.unpack_from, self._row.pack_into, g.key_width,
-                      g.key_field, g.seed)
+        # A plain tuple of the named view: unpacking a tuple subclass takes
+        # CPython's slow path (~5% of a get()).
+        self._fast = tuple(probe.SingleKeyView(
+            mm=m.mm, mv=m.mv, q=m.q, qi=m.qi, nb=g.nbuckets, tags_off=g.tags_offset,
+            rows_off=g.rows_offset, rs=g.row_size, unpack_row=self._row.unpack_from,
+            pack_row=self._row.pack_into, kw=g.key_width, kf=g.key_field, seed=g.seed))
 
     def _install(self, m: Mapping) -> None:
         """Switch this handle to ``m`` (a rebuilt file).
@@ -487,7 +518,7 @@ class CallTable:
 
     def _repr_html_(self) -> str:
         """Jupyter's view: capacity, calls, active calls, load and a few rows."""
-        from .analysis import table_html
+        from .display import table_html
         return table_html(self)
 
     # ------------------------------------------------------------------ mapping state
@@ -512,25 +543,11 @@ class CallTable:
         while True:
             with self._swap:
                 m = self._m
-                state = m.q[_W_STATE]
-                if not state:
+                if not m.q[_W_STATE]:
                     return m                # another thread followed already
-                if state == STATE_REMOVED:
-                    raise TableRemovedError(f"table {self._path} was removed (unlinked)")
-                if state != STATE_RETIRED:
-                    raise FormatError(f"{self._path}: unknown table state {int(state)} in the "
-                                      "header (corrupt?)")
-                if same_file(self._path, m.inode):
+                new = protocol.follow(m, self._path, self._readonly)
+                if new is None:
                     return m
-                try:
-                    new = open_mapping(self._path, self._readonly)
-                except TableNotFoundError:
-                    raise TableRemovedError(f"table {self._path} was removed (unlinked)") from None
-                g, ng = m.geometry, new.geometry
-                if (ng.seed, ng.created_ns, ng.key_width) != (g.seed, g.created_ns, g.key_width):
-                    new.close()
-                    raise TableRemovedError(f"table {self._path} was removed; the table now at "
-                                            "that path is another one (open it again)")
                 self._install(new)
 
     # ------------------------------------------------------------------ writing
@@ -551,78 +568,36 @@ class CallTable:
 
     def _writable_lock(self) -> WriterLock:
         """The writer lock, or the right error for a closed or read-only table."""
-        if self._closed:
-            raise TableClosedError(f"table {self._path} is closed")
-        if self._lock is None:
-            raise ReadOnlyError(f"table {self._path} was opened read-only")
+        if self._closed or self._lock is None:
+            raise self._unwritable()
         return self._lock
+
+    def _unwritable(self) -> NpcallsError:
+        """The error for writing through a closed or read-only handle."""
+        if self._closed:
+            return TableClosedError(f"table {self._path} is closed")
+        return ReadOnlyError(f"table {self._path} was opened read-only")
 
     def _begin_locked(self) -> tuple[Mapping, int]:
         """With the lock held: follow rebuilds, make sure the lock is the table's lock
         (the lock file may have been removed or replaced), revive a retired file that
         nothing replaced, recover a crashed writer; return (mapping, wseq)."""
         m = self._settled_locked()
-        if m.q[_W_STATE] == STATE_RETIRED:
-            m.q[_W_STATE] = STATE_LIVE  # its rebuilder died before the rename: still the table
-        w = m.q[_W_WSEQ]
-        if w & _SLOW:
-            if w >= _WSEQ_WRAP:
-                self._renumber_locked(m)
-            else:
-                self._recover_locked(m)
-            w = m.q[_W_WSEQ]
-        return m, w
+        return m, protocol.settle_sequence(m, self._path)
 
     def _settled_locked(self) -> Mapping:
         """With the lock held: the mapping to write, once our lock is the table's lock."""
         lock = self._lock
+        assert lock is not None             # a writable handle
+        ino = lock.lock_file.ino
         while True:
             m = self._m
             if m.q[_W_STATE]:
                 m = self._follow()
-            if m.q[_W_LOCK] == lock._lf.ino:
+            if m.q[_W_LOCK] == ino:
                 return m
             lock.settle(m.q, _W_LOCK)   # may have waited: look at the path again
-
-    def _renumber_locked(self, m: Mapping) -> None:
-        """Start the writer sequence again from 2 (it passed 2**63: a corrupt or hostile header).
-
-        Row versions go to 0 first (even and not above any writer sequence,
-        so every reader accepts them), then the sequence; a crashed writer's
-        leftovers are recovered on the way (odd rows made even, counts
-        recomputed).
-        """
-        crashed = bool(m.q[_W_WSEQ] & 1)
-        m.seqcol[:] = 0
-        tags = m.tags
-        m.q[_W_COUNT] = int(np.count_nonzero(tags >= 2))
-        m.q[_W_TOMB] = int(np.count_nonzero(tags == TOMBSTONE))
-        if crashed:
-            m.q[W["n_recoveries"]] += 1
-        m.q[_W_WSEQ] = 2
-
-    def _recover_locked(self, m: Mapping) -> None:
-        """Repair what a writer killed mid-operation can leave: odd rows and stale counts.
-
-        Every write publishes in an order that keeps each half-done row
-        self-consistent (payload before tag, tag before seq is even), so
-        making odd seq words even is enough for the rows; the counts are
-        recomputed from the tags.
-        """
-        seq = m.seqcol
-        odd = np.flatnonzero(seq & np.uint64(1))
-        if len(odd):
-            seq[odd] = seq[odd] + np.uint64(1)
-        tags = m.tags
-        m.q[_W_COUNT] = int(np.count_nonzero(tags >= 2))
-        m.q[_W_TOMB] = int(np.count_nonzero(tags == TOMBSTONE))
-        for p in stale_temp_files(self._path):
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
-        m.q[W["n_recoveries"]] += 1
-        m.q[_W_WSEQ] = m.q[_W_WSEQ] + 1
+            ino = lock.lock_file.ino
 
     def _insert_one(self, m: Mapping, w: int, slot: int, field: bytes, tag: int,
                     start: int, end: int) -> None:
@@ -630,19 +605,7 @@ class CallTable:
             raise NpcallsError(f"table {self._path}: no free slot on the key's probe path "
                                "although the counts say there is room (run `npcalls check "
                                "--repair`)")
-        q = m.q
-        g = m.geometry
-        o = (g.rows_offset + slot * g.row_size) >> 3
-        tw = (g.tags_offset >> 3) + slot
-        was_tomb = q[tw] == TOMBSTONE
-        q[_W_WSEQ] = w + 1
-        q[o] = w + 1
-        self._row.pack_into(m.mv, o << 3, w + 1, start, end, field)
-        q[tw] = tag                     # publish: the row is complete
-        q[o] = w + 2
-        q[_W_COUNT] += 1
-        if was_tomb:
-            q[_W_TOMB] -= 1
+        protocol.publish_row(m, w, slot, field, tag, start, end)
 
     def _make_room_locked(self, m: Mapping, needed: int) -> tuple[Mapping, int]:
         """Ensure ``needed`` more rows fit: compact or grow, or raise TableFullError."""
@@ -676,9 +639,13 @@ class CallTable:
         """start() (col 1) and stop() (col 2): set a field if unset, inserting if allowed.
 
         This is the hottest path of the library (one call per SIP transaction
-        in every proxy worker), so the probe and the writer lock are inlined
-        here; the rare cases (a rebuilt or removed file, a crashed predecessor,
-        a full table) go through the general methods.
+        in every proxy worker), so the probe and the row writes are inlined
+        here: copies of :func:`npcalls.probe.find_one`,
+        :func:`npcalls.protocol.set_field` and :func:`npcalls.protocol.publish_row`
+        inside the bracket of :class:`npcalls.protocol.Operation`, which are the
+        reference; tests/test_protocol.py checks that both write the same bytes.
+        The rare cases (a rebuilt or removed file, a crashed predecessor, a full
+        table) go through :meth:`_write_one_locked`, built on the reference.
         """
         mm, mv, q, qi, nb, tags_off, rows_off, rs, _, pack_row, kw, kf, seed = self._fast
         if type(call_id) is str and call_id.isascii():      # encode_key's common case
@@ -698,128 +665,109 @@ class CallTable:
             tag += 2
         lf = self._lockfile
         if lf is None:
-            self._writable_lock()
-        # The writer lock, inlined (a `with` block costs ~0.5 us, a sixth of the
-        # operation); the same protocol as WriterLock.__enter__/__exit__.
-        rl = lf.rlock
-        rl.acquire()
+            raise self._unwritable()
+        # The writer lock's functions rather than a `with` block (which costs
+        # ~0.5 us, a sixth of the operation).
+        _enter(lf)
         try:
-            if lf.depth == 0:
-                try:
-                    _lockf(lf.fd, _LOCK_EX_NB)
-                except OSError as e:
-                    if e.errno not in _BUSY:
-                        raise
-                    _lock_waiting(lf)
-            lf.depth += 1
-            try:
-                if q[_W_STATE] or q[_W_WSEQ] & _SLOW or q[_W_LOCK] != lf.ino:
-                    return self._write_one_locked(field, tag, ts, col, insert)
-                b = ((tag >> 32) * nb) >> 32
-                free = -1
-                left = nb
-                while left:
-                    left -= 1
-                    blk = _TAGS8.unpack_from(mv, tags_off + (b << 6))
-                    if tag in blk:
-                        j = blk.index(tag)
-                        while True:
-                            o = rows_off + ((b << 3) + j) * rs
-                            if mm[o + 24:o + 24 + kf] == field:
-                                o >>= 3
-                                if qi[o + col] != NOT_SET:
-                                    return False
-                                w = q[_W_WSEQ]
-                                q[_W_WSEQ] = w + 1
-                                q[o] = w + 1
-                                qi[o + col] = ts
-                                q[o] = w + 2
-                                q[_W_NSTART if col == 1 else _W_NSTOP] += 1
-                                other = _I64.unpack_from(mv, (o + 3 - col) << 3)[0]
-                                if other != NOT_SET:    # the call now has both times
-                                    # _observe_duration, inlined (hot path)
-                                    d = ts - other if col == 2 else other - ts
-                                    b = _DUR0_OFF + (_bisect_left(DURATION_BOUNDS_NS, d) << 3)
-                                    _U64.pack_into(mv, b, _U64.unpack_from(mv, b)[0] + 1)
-                                    if d > 0:
-                                        _U64.pack_into(mv, _DURSUM_OFF, (_U64.unpack_from(
-                                            mv, _DURSUM_OFF)[0] + d // 1000) & _M64)
-                                q[_W_WSEQ] = w + 2
-                                return True
-                            if tag not in blk[j + 1:]:
-                                break
-                            j = blk.index(tag, j + 1)
-                    if 0 in blk:
-                        if free < 0:
-                            j = blk.index(0)
-                            if 1 in blk:
-                                j = min(j, blk.index(1))
-                            free = (b << 3) + j
-                        break
-                    if free < 0 and 1 in blk:
-                        free = (b << 3) + blk.index(1)
-                    b += 1
-                    if b == nb:
-                        b = 0
-                if not insert:
-                    return False
-                if q[_W_COUNT] >= self._limit or q[_W_TOMB] > self._tomb_limit or free < 0:
-                    return self._write_one_locked(field, tag, ts, col, insert)
-                w = q[_W_WSEQ]
-                o = (rows_off + free * rs) >> 3
-                tw = (tags_off >> 3) + free
-                was_tomb = q[tw] == TOMBSTONE
-                q[_W_WSEQ] = w + 1
-                q[o] = w + 1
-                if col == 1:
-                    pack_row(mv, o << 3, w + 1, ts, NOT_SET, field)
-                else:
-                    pack_row(mv, o << 3, w + 1, NOT_SET, ts, field)
-                q[tw] = tag                     # publish: the row is complete
-                q[o] = w + 2
-                q[_W_COUNT] += 1
-                if was_tomb:
-                    q[_W_TOMB] -= 1
-                q[_W_NSTART if col == 1 else _W_NSTOP] += 1
-                q[_W_WSEQ] = w + 2
-                return True
-            finally:
-                lf.depth -= 1
-                if lf.depth == 0:
-                    _lockf(lf.fd, _LOCK_UN)
+            if q[_W_STATE] or q[_W_WSEQ] & _SLOW or q[_W_LOCK] != lf.ino:
+                return self._write_one_locked(field, tag, ts, col, insert)
+            b = ((tag >> 32) * nb) >> 32
+            free = -1
+            left = nb
+            while left:
+                left -= 1
+                blk = _TAGS8.unpack_from(mv, tags_off + (b << 6))
+                if tag in blk:
+                    j = blk.index(tag)
+                    while True:
+                        o = rows_off + ((b << 3) + j) * rs
+                        if mm[o + 24:o + 24 + kf] == field:
+                            o >>= 3
+                            if qi[o + col] != NOT_SET:
+                                return False
+                            w = q[_W_WSEQ]
+                            q[_W_WSEQ] = w + 1
+                            q[o] = w + 1
+                            qi[o + col] = ts
+                            q[o] = w + 2
+                            q[_W_NSTART if col == 1 else _W_NSTOP] += 1
+                            other = _I64.unpack_from(mv, (o + 3 - col) << 3)[0]
+                            if other != NOT_SET:    # the call now has both times
+                                # _observe_duration, inlined (hot path)
+                                d = ts - other if col == 2 else other - ts
+                                b = _DUR0_OFF + (_bisect_left(DURATION_BOUNDS_NS, d) << 3)
+                                _U64.pack_into(mv, b, _U64.unpack_from(mv, b)[0] + 1)
+                                if d > 0:
+                                    _U64.pack_into(mv, _DURSUM_OFF, (_U64.unpack_from(
+                                        mv, _DURSUM_OFF)[0] + d // 1000) & _M64)
+                            q[_W_WSEQ] = w + 2
+                            return True
+                        if tag not in blk[j + 1:]:
+                            break
+                        j = blk.index(tag, j + 1)
+                if 0 in blk:
+                    if free < 0:
+                        j = blk.index(0)
+                        if 1 in blk:
+                            j = min(j, blk.index(1))
+                        free = (b << 3) + j
+                    break
+                if free < 0 and 1 in blk:
+                    free = (b << 3) + blk.index(1)
+                b += 1
+                if b == nb:
+                    b = 0
+            if not insert:
+                return False
+            if q[_W_COUNT] >= self._limit or q[_W_TOMB] > self._tomb_limit or free < 0:
+                return self._write_one_locked(field, tag, ts, col, insert)
+            w = q[_W_WSEQ]
+            o = (rows_off + free * rs) >> 3
+            tw = (tags_off >> 3) + free
+            was_tomb = q[tw] == TOMBSTONE
+            q[_W_WSEQ] = w + 1
+            q[o] = w + 1
+            if col == 1:
+                pack_row(mv, o << 3, w + 1, ts, NOT_SET, field)
+            else:
+                pack_row(mv, o << 3, w + 1, NOT_SET, ts, field)
+            q[tw] = tag                     # publish: the row is complete
+            q[o] = w + 2
+            q[_W_COUNT] += 1
+            if was_tomb:
+                q[_W_TOMB] -= 1
+            q[_W_NSTART if col == 1 else _W_NSTOP] += 1
+            q[_W_WSEQ] = w + 2
+            return True
         finally:
-            rl.release()
+            _leave(lf)
 
     def _write_one_locked(self, field: bytes, tag: int, ts: int, col: int, insert: bool) -> bool:
         """The general path of :meth:`_write_one` (lock held)."""
         m, w = self._begin_locked()
         slot, free = probe.find_one(self._fast, field, tag)
-        q = m.q
         if slot >= 0:
-            o = (self._fast[6] + slot * self._fast[7]) >> 3
-            if m.qi[o + col] != NOT_SET:
+            if m.qi[protocol.row_word(m, slot) + col] != NOT_SET:
                 return False
-            q[_W_WSEQ] = w + 1
-            q[o] = w + 1
-            m.qi[o + col] = ts
-            q[o] = w + 2
-            other = int(m.qi[o + 3 - col])
-            if other != NOT_SET:
-                _observe_duration(m.mv, ts - other if col == 2 else other - ts)
-        elif insert:
-            g = self._g
-            if q[_W_COUNT] >= g.limit or q[_W_TOMB] > probe.tomb_limit(g):
-                m, w = self._make_room_locked(m, 1)
-                q = m.q
-                slot, free = probe.find_one(self._fast, field, tag)
+            with protocol.Operation(m.q, w):
+                other = protocol.set_field(m, w, slot, col, ts)
+                if other != NOT_SET:
+                    _observe_duration(m.mv, ts - other if col == 2 else other - ts)
+                m.q[_W_NSTART if col == 1 else _W_NSTOP] += 1
+            return True
+        if not insert:
+            return False
+        g = self._g
+        if m.q[_W_COUNT] >= g.limit or m.q[_W_TOMB] > probe.tomb_limit(g):
+            m, w = self._make_room_locked(m, 1)
+            slot, free = probe.find_one(self._fast, field, tag)
+        with protocol.Operation(m.q, w):
             if col == 1:
                 self._insert_one(m, w, free, field, tag, ts, NOT_SET)
             else:
                 self._insert_one(m, w, free, field, tag, NOT_SET, ts)
-        else:
-            return False
-        q[_W_NSTART if col == 1 else _W_NSTOP] += 1
-        q[_W_WSEQ] = w + 2
+            m.q[_W_NSTART if col == 1 else _W_NSTOP] += 1
         return True
 
     def start(self, call_id: str | bytes, ts: Any = None) -> bool:
@@ -849,23 +797,14 @@ class CallTable:
         tag = _xxh(field, self._seed)
         if tag < 2:
             tag += 2
-        if self._lockfile is None:
-            self._writable_lock()           # raises: closed or read-only
-        with self._lock:
+        with self._writable_lock():
             m, w = self._begin_locked()
             slot, _ = probe.find_one(self._fast, field, tag)
             if slot < 0:
                 return False
-            q = m.q
-            g = m.geometry
-            o = (g.rows_offset + slot * g.row_size) >> 3
-            q[_W_WSEQ] = w + 1
-            q[o] = w + 1
-            q[_W_TOMB] += probe.free_one(m, slot)
-            q[o] = w + 2
-            q[_W_COUNT] -= 1
-            q[_W_NREM] += 1
-            q[_W_WSEQ] = w + 2
+            protocol.open_op(m.q, w)     # not a `with`: remove() is a single-key op
+            protocol.free_slot(m, w, slot)
+            protocol.close_op(m.q, w)
             return True
 
     # ------------------------------------------------------------------ reading
@@ -878,6 +817,10 @@ class CallTable:
 
         Either value may be :data:`NOT_SET` (an active call has no end yet).
         """
+        # The hot read path: the bucket walk of npcalls.probe.find_one and the
+        # seq/row/seq read of docs/format.md ("Reading without a lock"),
+        # inlined; tests/test_model_hypothesis.py checks get() against
+        # get_many() (the vectorized lookup) and a model.
         _, mv, q, _, nb, tags_off, rows_off, rs, unpack_row, _, kw, kf, seed = self._fast
         # encode_key's common case, inlined (a function call is ~8% of a get)
         if type(call_id) is str and call_id.isascii():
@@ -1140,7 +1083,7 @@ class CallTable:
                                     else (started, ended)), errors)
         return started, ended
 
-    def _record_locked(self, idx: np.ndarray, keyq: np.ndarray, tag: np.ndarray,
+    def _record_locked(self, idx: np.ndarray | None, keyq: np.ndarray, tag: np.ndarray,
                        sv: np.ndarray | None, ev: np.ndarray | None, insert: bool,
                        started: np.ndarray, ended: np.ndarray) -> None:
         m, w = self._begin_locked()
@@ -1163,7 +1106,7 @@ class CallTable:
         rounds = f.rounds
         q = m.q
         seq_odd = w + 1
-        q[_W_WSEQ] = seq_odd
+        protocol.open_op(q, w)
         gid = grp.group
         ngroups = len(rep)
         new_vals = {1: np.full(ngroups, NOT_SET, np.int64), 2: np.full(ngroups, NOT_SET, np.int64)}
@@ -1209,7 +1152,7 @@ class CallTable:
             crashpoint("batch-placed")
             q[_W_COUNT] += len(new_groups)
             q[_W_TOMB] -= reused
-        q[_W_WSEQ] = w + 2
+        protocol.close_op(q, w)
         self.last_rounds = rounds
 
     def remove_many(self, keys: Sequence[str | bytes] | np.ndarray, *,
@@ -1242,13 +1185,8 @@ class CallTable:
         return removed
 
     def _remove_slots_locked(self, m: Mapping, w: int, slots: np.ndarray) -> None:
-        q = m.q
-        q[_W_WSEQ] = w + 1
-        tomb = probe.remove_slots(m, slots, w + 1)
-        q[_W_COUNT] -= len(slots)
-        q[_W_TOMB] += tomb
-        q[_W_NREM] += len(slots)
-        q[_W_WSEQ] = w + 2
+        with protocol.Operation(m.q, w):
+            protocol.free_slots(m, w, slots)
 
     # ------------------------------------------------------------------ whole table
 
@@ -1489,7 +1427,7 @@ class CallTable:
                 if (int(m.q[_W_TOMB]) > probe.tomb_limit(self._g)
                         and maintenance.rebuild_refusal(self._path, m) is None):
                     self._rebuild_locked(m, self._g.capacity)
-        return out if return_rows else len(slots)
+        return out if out is not None else len(slots)
 
     def check(self, repair: bool = False) -> CheckReport:
         """Verify the table's invariants; with ``repair``, fix what can be fixed.
@@ -1541,7 +1479,7 @@ class CallTable:
                 notes.append(f"the writer sequence {w} is past 2**63 (a corrupt header); the "
                              "next writer renumbers it")
                 if repair:
-                    self._renumber_locked(m)
+                    protocol.renumber(m)
                     repaired.append("renumbered the writer sequence and row versions")
             return maintenance.check_locked(self, m, notes, problems, repaired, repair)
 
@@ -1563,6 +1501,8 @@ def _stamp_lock(tmp: str, ino: int) -> None:
         os.pwrite(fd, struct.pack("<Q", ino), LOCK_INO_OFFSET)
     finally:
         os.close(fd)
+
+
 class _SharedReadCallTable(CallTable):
     """A :class:`CallTable` handle in the shared read mode (set by ``__init__``)."""
 
@@ -1570,7 +1510,9 @@ class _SharedReadCallTable(CallTable):
         """``(start, end)`` of a call, or None if absent; under the shared read lock."""
         if self._closed:
             raise TableClosedError(f"table {self._path} is closed")
-        with self._rl:
+        rl = self._rl
+        assert rl is not None               # this class is installed in the shared mode only
+        with rl:
             return CallTable.get(self, call_id)
 
 
@@ -1581,7 +1523,9 @@ class _ClosedWords:
         raise TableClosedError("table is closed")
 
 
-_CLOSED_FAST = (None, None, _ClosedWords(), None, 1, 0, 0, 0, None, None, 1 << 30, 8, 0)
+_CLOSED_FAST = tuple(probe.SingleKeyView(
+    mm=None, mv=None, q=_ClosedWords(), qi=None, nb=1, tags_off=0, rows_off=0, rs=0,
+    unpack_row=None, pack_row=None, kw=1 << 30, kf=8, seed=0))
 
 
 class _Unnamed:

@@ -101,7 +101,8 @@ def _dt64_scalar_ns(ts: np.datetime64) -> int:
     if unit in _CAL_LIMIT:
         if abs(v) > _CAL_LIMIT[unit]:
             raise _out_of_range(ts)
-        days = int(np.datetime64(v, unit).astype("datetime64[D]").astype(np.int64))
+        days = int(np.datetime64(v, unit).astype("datetime64[D]")  # type: ignore[call-overload]
+                   .astype(np.int64))   # unit is a str the stubs cannot narrow to a Literal
         ns = days * _DT64_NS["D"]
     elif unit in _DT64_NS:
         ns = v * _DT64_NS[unit]

@@ -282,6 +282,7 @@ def _become(uid: int, gid: int, groups: list) -> None:
     import secrets  # noqa: F401
     import stat  # noqa: F401
     import struct  # noqa: F401
+
     import npcalls.maintenance  # noqa: F401
     os.setgroups(groups)
     os.setgid(gid)

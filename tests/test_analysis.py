@@ -7,12 +7,12 @@ import sys
 import uuid
 
 import numpy as np
+import pandas as pd
 import pytest
 
-import pandas as pd
-
 import npcalls
-from npcalls import NOT_SET, analysis as A
+from npcalls import NOT_SET
+from npcalls import analysis as A
 
 S = 1_000_000_000
 BASE = 1_795_668_428 * S          # the bundled Kamailio log's epoch: 2026-11-26

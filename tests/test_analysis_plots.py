@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import matplotlib as mpl
 import numpy as np
 import pytest
-
-import matplotlib as mpl
 
 mpl.use("Agg")
 
 import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
-from npcalls import NOT_SET, analysis as A  # noqa: E402
+from npcalls import NOT_SET  # noqa: E402
+from npcalls import analysis as A
 
 S = 1_000_000_000
 BASE = 1_795_668_428 * S

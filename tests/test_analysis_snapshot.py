@@ -1,6 +1,6 @@
 """Snapshots taken while writer processes run: consistent rows, and writers never stalled.
 
-The analyst's side of properties P2 and P3 of DESIGN.md, measured with real
+The analyst's side of properties P2 and P3 (docs/properties.md), measured with real
 processes: separate ``python -c`` programs write through the public API
 while this process (or another one) takes snapshots in a loop.
 """

@@ -357,7 +357,7 @@ def test_a_retired_file_nothing_replaced_is_read_revived_and_repaired(tmp_path):
     t.start_many(keys, 3)
     t.close()
     # a rebuilder killed between retiring the old file and renaming the new one
-    env = dict(os.environ, NPCALLSCRASH_AT="rebuild-retired")
+    env = dict(os.environ, NPCALLS_CRASH_AT="rebuild-retired")
     p = subprocess.run([sys.executable, "-c",
                         "import sys; from npcalls import CallTable; "
                         "CallTable.open(sys.argv[1]).grow(1024)", path],
@@ -575,7 +575,7 @@ def test_writer_sequence_at_the_end_of_its_range(tmp_path, wseq):
 
 def test_a_killed_creates_temporary_file_is_swept(tmp_path):
     path = str(tmp_path / "swept.npcalls")
-    env = dict(os.environ, NPCALLSCRASH_AT="create-built")
+    env = dict(os.environ, NPCALLS_CRASH_AT="create-built")
     p = subprocess.run([sys.executable, "-c",
                         "import sys; from npcalls import CallTable; "
                         "CallTable.create(sys.argv[1], 4096)", path],

@@ -7,7 +7,6 @@ stderr, what is left on disk.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import stat
 import subprocess
@@ -139,7 +138,7 @@ def test_unexpected_exceptions_are_one_line_unless_debugging(cli_env, tmp_path):
     make_demo(cli_env)
     env = dict(cli_env, PYTHONPATH=str(site))
     r = run(env, "info", "demo")
-    err = one_line_error(r, "npcalls info:", "KeyError", "no such thing", "--debug",
+    one_line_error(r, "npcalls info:", "KeyError", "no such thing", "--debug",
                          "NPCALLS_DEBUG=1")
     r = run(env, "--debug", "info", "demo")
     assert r.returncode == 2 and b"Traceback" in r.stderr and b"boom" in r.stderr

@@ -1,4 +1,4 @@
-"""P6: truncated, foreign, corrupt or hostile files give clear errors, never a crash.
+"""P6 (docs/properties.md): truncated, foreign, corrupt or hostile files give clear errors, never a crash.
 
 Opening happens in a separate worker process, so that a SIGBUS or a segfault
 would show as the worker dying (a test failure), not as the test run dying.

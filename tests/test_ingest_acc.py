@@ -22,8 +22,7 @@ import pytest
 
 import npcalls
 from npcalls import NOT_SET
-from npcalls.ingest import (AccParser, Loader, aggregate, ingest, parse_acc_text,
-                            parse_cdr_text)
+from npcalls.ingest import AccParser, Loader, aggregate, ingest, parse_acc_text, parse_cdr_text
 from npcalls.ingest import parallel as par
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")

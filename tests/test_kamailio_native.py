@@ -17,12 +17,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from test_kamailio_unit import FakeKSR, monitor  # noqa: F401  (fixtures below reuse them)
 
 import npcalls.kamailio as nk
 from npcalls import NOT_SET, CallTable
 from npcalls.kamailio import CallMonitor, KamailioScript, read_settings, script_from_environ
-
-from test_kamailio_unit import FakeKSR, monitor  # noqa: F401  (fixtures below reuse them)
 
 _HOLD = r"""
 import sys, time

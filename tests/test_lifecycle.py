@@ -1,4 +1,4 @@
-"""Issue 3: expiry, online growth, auto-growth, detaching, churn-free deletes."""
+"""Issue 3: expiry, online growth, auto-growth, detaching, churn-free deletes (P5 and P7, docs/properties.md)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import os
 import subprocess
 import sys
 
+import lifecycle_workers as lw
 import numpy as np
 import pytest
 
 from npcalls import NOT_SET, CallTable, TableFullError
 from npcalls.simulate import churn
-
-import lifecycle_workers as lw
 
 
 @pytest.fixture

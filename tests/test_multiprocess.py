@@ -1,4 +1,4 @@
-"""P1-P3 with real processes: forked, spawned, and separately started programs.
+"""P1-P3 (docs/properties.md) with real processes: forked, spawned, and separately started programs.
 
 Every test bounds its children in time (they are killed at the deadline and
 the test fails), and every assertion is about an outcome that does not depend
@@ -14,12 +14,11 @@ import subprocess
 import sys
 import time
 
+import helpers_mp as H
 import numpy as np
 import pytest
 
 from npcalls import NOT_SET, CallTable
-
-import helpers_mp as H
 
 pytestmark = pytest.mark.timeout(120)
 

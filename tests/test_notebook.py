@@ -8,14 +8,13 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 import duckdb  # noqa: F401  (the notebook queries Parquet with it)
 import ipykernel  # noqa: F401  (the notebook runs in it)
 import matplotlib.image as mpimg
 import nbclient
 import nbformat
+import numpy as np
+import pytest
 
 import npcalls
 

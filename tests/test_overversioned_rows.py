@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,8 +21,8 @@ import time
 import numpy as np
 import pytest
 
-from npcalls import CallTable, NOT_SET
-from npcalls.layout import HEADER_SIZE, W
+from npcalls import NOT_SET, CallTable
+from npcalls.layout import W
 
 HERE = os.path.dirname(__file__)
 READER_TIMEOUT = float(os.environ.get("NPCALLS_TEST_READER_TIMEOUT", 60))  # a hang is forever
@@ -228,7 +227,6 @@ def test_cp_of_a_live_table_never_hangs_readers_and_check_sees_what_the_copy_hol
     finally:
         w.kill()
         w.wait(10)
-    over_copies = 0
     sample = [f"w-{j}@h" for j in range(0, 20000, 97)]
     g = t._g
     over = []

@@ -21,21 +21,23 @@ import sys
 import threading
 import time
 
+import helpers_mp as H
 import numpy as np
 import pytest
 
-import npcalls
-from npcalls import NOT_SET, CallTable, NpcallsError
-
-import helpers_mp as H
 # Re-run in shared mode: these bodies are collected again in this module, where
 # the autouse fixture below selects the mode (children inherit the environment).
 import test_multiprocess as TM
-from test_multiprocess import (children, test_concurrent_writers_and_readers,  # noqa: F401
-                               test_grow_by_another_process_is_followed,
-                               test_separate_program_sees_writes_at_once)
-from test_overversioned_rows import (crafted,  # noqa: F401
-                                     test_readers_answer_from_overversioned_rows_and_never_hang)
+from test_multiprocess import (  # noqa: F401
+    children,
+    test_concurrent_writers_and_readers,
+    test_grow_by_another_process_is_followed,
+    test_separate_program_sees_writes_at_once,
+)
+from test_overversioned_rows import crafted, test_readers_answer_from_overversioned_rows_and_never_hang  # noqa: F401
+
+import npcalls
+from npcalls import NOT_SET, CallTable, NpcallsError
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -13,9 +13,20 @@ import numpy as np
 import pytest
 
 import npcalls
-from npcalls import (NOT_SET, CallTable, FormatError, InvalidKeyError, InvalidTimestampError,
-                     NpcallsError, ReadOnlyError, TableClosedError, TableExistsError,
-                     TableFullError, TableNotFoundError, TableRemovedError)
+from npcalls import (
+    NOT_SET,
+    CallTable,
+    FormatError,
+    InvalidKeyError,
+    InvalidTimestampError,
+    NpcallsError,
+    ReadOnlyError,
+    TableClosedError,
+    TableExistsError,
+    TableFullError,
+    TableNotFoundError,
+    TableRemovedError,
+)
 
 TABLE_DIR = os.environ["NPCALLS_DIR"]       # conftest's private directory for this run
 
@@ -596,6 +607,7 @@ def test_stats(make_table):
 
 
 def test_table_full_is_a_clear_error(make_table):
+    """P7 (docs/properties.md): past the load limit, a clear error with count and capacity."""
     t = make_table(64, key_width=16)
     assert t.limit == 48
     for i in range(48):

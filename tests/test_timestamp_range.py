@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npcalls import InvalidTimestampError, NOT_SET, NpcallsError
+from npcalls import NOT_SET, InvalidTimestampError, NpcallsError
 from npcalls.timestamps import to_ns, to_ns_array
 
 I64_MAX = 2**63 - 1

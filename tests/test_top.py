@@ -15,7 +15,6 @@ import time
 import uuid
 
 import pytest
-
 import rich  # noqa: F401,E402  (dev dependency: `top` draws with it)
 
 import npcalls

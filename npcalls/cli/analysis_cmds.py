@@ -7,9 +7,18 @@ when run, so ``npcalls --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-from ._common import add_table_arg, duration_arg, need_extra, open_table, positive_int
+from ._common import (
+    CliError,
+    add_table_arg,
+    duration_arg,
+    need_extra,
+    no_table_message,
+    open_table,
+    positive_int,
+)
 
 
 def _positive_float(text: str) -> float:
@@ -90,6 +99,49 @@ def cmd_top(a: argparse.Namespace) -> int:
         return run_top(t, interval=a.interval, rows=a.rows, once=a.once)
 
 
+def _progress_line(s: Any, elapsed: float) -> None:
+    print(f"\r{elapsed:6.0f} s  {s.active:>9,} active  {s.n_started:>11,} started  "
+          f"{s.n_stopped:>11,} ended  load {s.load_factor:6.1%}", end="", file=sys.stderr,
+          flush=True)
+
+
 def cmd_simulate(a: argparse.Namespace) -> int:
-    from ..simulate import main_from_args
-    return main_from_args(a)
+    """The ``npcalls simulate`` verb: run :func:`npcalls.simulate.run` from the options."""
+    from ..errors import TableExistsError, TableNotFoundError
+    from ..simulate import SimConfig, default_capacity, run
+    from ..table import CallTable
+    cfg = SimConfig(table=a.table, cps=a.cps, mean_hold_ns=a.mean_hold, hold_dist=a.hold_dist,
+                    hold_sigma=a.hold_sigma, duration_ns=a.duration or None,
+                    speedup=a.speedup, workers=a.workers, seed=a.seed, on_exit=a.on_exit,
+                    expire_after_ns=a.expire_after)
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if a.create:
+        cap = a.capacity or default_capacity(cfg)
+        try:
+            CallTable.create(a.table, cap).close()
+            print(f"npcalls simulate: created {a.table} with {cap:,} slots", file=sys.stderr)
+        except TableExistsError:
+            pass                                # --create means "if it does not exist"
+    progress = _progress_line if sys.stderr.isatty() and not a.quiet else None
+    try:
+        res = run(cfg, progress=progress)
+        if progress is not None:
+            print(file=sys.stderr)
+    except TableNotFoundError:
+        raise CliError(no_table_message(a.table, ", or add --create")) from None
+    for err in res.errors:
+        print(f"npcalls simulate: {err}", file=sys.stderr)
+    print(f"npcalls simulate: {res.summary()}", file=sys.stderr)
+    if res.rejected:
+        print(f"npcalls simulate: {res.rejected:,} calls rejected: the table is full; "
+              f"`npcalls grow {a.table} --capacity N` makes room online (or run with "
+              "--expire-after)", file=sys.stderr)
+    if a.json:
+        import json
+        print(json.dumps(res.__dict__))
+    if res.errors:
+        return 2
+    return 1 if res.rejected else 0

@@ -8,8 +8,15 @@ import signal
 import sys
 from typing import Any
 
-from ._common import (EXIT_ERROR, EXIT_NEGATIVE, CliError, add_table_arg, no_table_message,
-                      positive_int, stderr_is_tty)
+from ._common import (
+    EXIT_ERROR,
+    EXIT_NEGATIVE,
+    CliError,
+    add_table_arg,
+    no_table_message,
+    positive_int,
+    stderr_is_tty,
+)
 
 _EPILOG = """\
 inputs:
@@ -124,8 +131,8 @@ def cmd_ingest(a: argparse.Namespace) -> int:
                    follow=a.follow, progress=progress, stop=lambda: stop[0],
                    jobs=a.jobs)
     finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
+        for signum, h in old.items():
+            signal.signal(signum, h)
         if progress is not None:
             progress.close()
         table.close()

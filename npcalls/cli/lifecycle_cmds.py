@@ -9,8 +9,16 @@ import sys
 import time
 from typing import Any
 
-from ._common import (EXIT_NEGATIVE, CliError, add_table_arg, duration_arg, open_table,
-                      out_stream, positive_int, world_writable)
+from ._common import (
+    EXIT_NEGATIVE,
+    CliError,
+    add_table_arg,
+    duration_arg,
+    open_table,
+    out_stream,
+    positive_int,
+    world_writable,
+)
 
 
 def _cutoff(text: str) -> Any:

@@ -7,8 +7,18 @@ import json
 import sys
 from typing import Any
 
-from ._common import (EXIT_NEGATIVE, CliError, add_table_arg, mode_arg, need_extra, open_table,
-                      out_stream, positive_int, read_keys, time_arg)
+from ._common import (
+    EXIT_NEGATIVE,
+    CliError,
+    add_table_arg,
+    mode_arg,
+    need_extra,
+    open_table,
+    out_stream,
+    positive_int,
+    read_keys,
+    time_arg,
+)
 
 
 def register(sub: Any) -> None:

@@ -64,10 +64,30 @@ from typing import Callable
 import numpy as np
 
 from ..layout import NOT_SET
-from ._vec import (S, Template, decimal_ns, digits, field, find_in, gather, key_check, matrix,
-                   parse_iso, starts)
-from .common import (ChunkLines, Parsed, Problem, call_id_problem, clean_eol,
-                     count_problem, problem_text, show, too_long_reason)
+from ._vec import (
+    S,
+    Template,
+    decimal_ns,
+    digits,
+    field,
+    find_in,
+    gather,
+    key_check,
+    matrix,
+    parse_iso,
+    starts,
+)
+from .common import (
+    ChunkLines,
+    Parsed,
+    Problem,
+    call_id_problem,
+    clean_eol,
+    count_problem,
+    problem_text,
+    show,
+    too_long_reason,
+)
 
 __all__ = ["AccParser", "Parsed", "Problem", "parse_acc_text", "parse_cdr_text", "clean_eol"]
 

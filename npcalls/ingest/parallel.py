@@ -15,8 +15,8 @@ import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Iterator
 
-from .common import Parsed
 from . import sources as _sources
+from .common import Parsed
 
 __all__ = ["PARALLEL_MIN", "TASK_BYTES", "default_jobs", "ranges", "parse_range",
            "parallel_parse"]

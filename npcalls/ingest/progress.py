@@ -61,8 +61,7 @@ class _Rich:
 
     def __init__(self, stream: TextIO, follow: bool) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
         self.follow = follow
         self.progress = Progress(
             TextColumn("[bold]ingest[/]"), BarColumn(), TaskProgressColumn(),

@@ -6,10 +6,10 @@ import os
 import time
 from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
+from . import parallel as _par
 from .acc import AccParser
 from .common import Parsed
 from .loader import DEFAULT_BATCH, Loader
-from . import parallel as _par
 from .sources import SourceError, Tail, TruncatedInput, open_source
 from .summary import Summary
 from .tabular import TabularParser, looks_like_csv_header

@@ -32,10 +32,18 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..layout import NOT_SET
-from ._vec import (S, UNIT_NS, decimal_ns, field, guess_unit, key_check, parse_column,
-                   parse_iso, strip_if_needed)
-from .common import (ChunkLines, Parsed, Problem, call_id_problem, count_problem,
-                     problem_text, too_long_reason)
+from ._vec import (
+    UNIT_NS,
+    S,
+    decimal_ns,
+    field,
+    guess_unit,
+    key_check,
+    parse_column,
+    parse_iso,
+    strip_if_needed,
+)
+from .common import ChunkLines, Parsed, Problem, call_id_problem, count_problem, problem_text, too_long_reason
 
 __all__ = ["TabularParser", "CALL_ID_NAMES", "START_NAMES", "END_NAMES", "TIME_UNITS",
            "TIME_WINDOW", "looks_like_csv_header"]

@@ -1,0 +1,236 @@
+"""The write protocol of docs/format.md, in one place: the words writers touch, and their order.
+
+Everything here runs with the writer lock held (:mod:`npcalls.locking`) and
+follows docs/format.md, "Writing":
+
+* the *operation bracket*: the header's ``wseq`` is odd while an operation
+  runs and even when it is done (:class:`Operation`, or :func:`open_op` /
+  :func:`close_op` where a context manager does not fit);
+* a row changes inside its own odd ``seq`` window: payload, then tag (the
+  publication), then ``seq`` even (:func:`publish_row`, :func:`set_field`,
+  :func:`free_slot`, :func:`free_slots`; the vectorized placement of a batch
+  is :func:`npcalls.probe.place`, same order);
+* on taking the lock: revive a retired file nothing replaced, recover from a
+  writer that died mid-operation, renumber a sequence past 2**63
+  (:func:`settle_sequence`, :func:`recover`, :func:`renumber`);
+* following the path after a rebuild or a removal (:func:`follow`).
+
+The single-key write of :class:`~npcalls.CallTable` (``_write_one``) keeps
+an inlined copy of :func:`set_field` and :func:`publish_row` for speed; the
+test ``tests/test_protocol.py`` checks that the two write the same bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+
+import numpy as np
+
+from . import probe
+from .errors import FormatError, TableNotFoundError, TableRemovedError
+from .layout import STATE_LIVE, STATE_REMOVED, STATE_RETIRED, TOMBSTONE, W
+from .storage import Mapping, open_mapping, same_file, stale_temp_files
+
+__all__ = ["Operation", "open_op", "close_op", "publish_row", "set_field", "free_slot",
+           "free_slots", "settle_sequence", "recover", "renumber", "follow", "WSEQ_WRAP"]
+
+_W_STATE, _W_WSEQ, _W_COUNT, _W_TOMB = W["state"], W["wseq"], W["count"], W["tombstones"]
+_W_NREM, _W_NREC = W["n_removed"], W["n_recoveries"]
+_U1 = np.uint64(1)
+
+WSEQ_WRAP = 1 << 63
+"""A writer sequence at or past this is renumbered (docs/format.md, "Writing")."""
+_SLOW = 1 | WSEQ_WRAP
+
+
+# ---------------------------------------------------------------- the operation bracket
+
+def open_op(q: memoryview, w: int) -> None:
+    """Start an operation: ``wseq`` from the even ``w`` to ``w + 1``."""
+    q[_W_WSEQ] = w + 1
+
+
+def close_op(q: memoryview, w: int) -> None:
+    """End the operation :func:`open_op` started: ``wseq = w + 2``."""
+    q[_W_WSEQ] = w + 2
+
+
+class Operation:
+    """The writer-sequence bracket as a context manager: ``with Operation(m.q, w) as seq_odd``.
+
+    Closes the operation only when the block completes.  An exception leaves
+    ``wseq`` odd on purpose: every step keeps each row self-consistent, and
+    the next writer recovers (:func:`recover`) exactly as after a crash.
+    """
+
+    __slots__ = ("q", "w")
+
+    def __init__(self, q: memoryview, w: int) -> None:
+        self.q = q
+        self.w = w
+
+    def __enter__(self) -> int:
+        self.q[_W_WSEQ] = self.w + 1
+        return self.w + 1
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.q[_W_WSEQ] = self.w + 2
+
+
+# ---------------------------------------------------------------- rows
+
+@functools.lru_cache(maxsize=None)
+def row_struct(key_field: int) -> struct.Struct:
+    """A row's layout (seq, start, end, key) for ``struct`` (docs/format.md, "Rows")."""
+    return struct.Struct(f"<Qqq{key_field}s")
+
+
+def row_word(m: Mapping, slot: int) -> int:
+    """Index in ``m.q`` of a slot's row (its ``seq`` word)."""
+    g = m.geometry
+    return (g.rows_offset + slot * g.row_size) >> 3
+
+
+def publish_row(m: Mapping, w: int, slot: int, field: bytes, tag: int, start: int,
+                end: int) -> None:
+    """Write a new row into a free slot (EMPTY or TOMBSTONE) and publish it; counts follow.
+
+    Inside an operation opened at ``w``.
+    """
+    q = m.q
+    g = m.geometry
+    o = row_word(m, slot)
+    tw = (g.tags_offset >> 3) + slot
+    was_tomb = q[tw] == TOMBSTONE
+    q[o] = w + 1
+    row_struct(g.key_field).pack_into(m.mv, o << 3, w + 1, start, end, field)
+    q[tw] = tag                     # publish: the row is complete
+    q[o] = w + 2
+    q[_W_COUNT] += 1
+    if was_tomb:
+        q[_W_TOMB] -= 1
+
+
+def set_field(m: Mapping, w: int, slot: int, col: int, ts: int) -> int:
+    """Set start (``col`` 1) or end (2) of a live row; returns the row's other time."""
+    o = row_word(m, slot)
+    q = m.q
+    q[o] = w + 1
+    m.qi[o + col] = ts
+    q[o] = w + 2
+    return int(m.qi[o + 3 - col])
+
+
+def free_slot(m: Mapping, w: int, slot: int) -> None:
+    """Remove the live row in ``slot`` (EMPTY or TOMBSTONE by :func:`npcalls.probe.free_one`)."""
+    q = m.q
+    o = row_word(m, slot)
+    q[o] = w + 1
+    q[_W_TOMB] += probe.free_one(m, slot)
+    q[o] = w + 2
+    q[_W_COUNT] -= 1
+    q[_W_NREM] += 1
+
+
+def free_slots(m: Mapping, w: int, slots: np.ndarray) -> None:
+    """Remove the live rows in distinct ``slots`` (:func:`npcalls.probe.remove_slots`)."""
+    q = m.q
+    tomb = probe.remove_slots(m, slots, w + 1)
+    q[_W_COUNT] -= len(slots)
+    q[_W_TOMB] += tomb
+    q[_W_NREM] += len(slots)
+
+
+# ---------------------------------------------------------------- taking over the table
+
+def settle_sequence(m: Mapping, path: str) -> int:
+    """With the lock held, before writing: returns the even writer sequence to start from.
+
+    Revives a retired file nothing replaced (its rebuilder died before the
+    rename: it is still the table), recovers from a writer that died
+    mid-operation, renumbers a sequence past :data:`WSEQ_WRAP`.
+    """
+    q = m.q
+    if q[_W_STATE] == STATE_RETIRED:
+        q[_W_STATE] = STATE_LIVE
+    w = q[_W_WSEQ]
+    if w & _SLOW:
+        if w >= WSEQ_WRAP:
+            renumber(m)
+        else:
+            recover(m, path)
+        w = q[_W_WSEQ]
+    return w
+
+
+def renumber(m: Mapping) -> None:
+    """Start the writer sequence again from 2 (it passed 2**63: a corrupt or hostile header).
+
+    Row versions go to 0 first (even and not above any writer sequence,
+    so every reader accepts them), then the sequence; a crashed writer's
+    leftovers are recovered on the way (odd rows made even, counts
+    recomputed).
+    """
+    crashed = bool(m.q[_W_WSEQ] & 1)
+    m.seqcol[:] = 0
+    tags = m.tags
+    m.q[_W_COUNT] = int(np.count_nonzero(tags >= 2))
+    m.q[_W_TOMB] = int(np.count_nonzero(tags == TOMBSTONE))
+    if crashed:
+        m.q[_W_NREC] += 1
+    m.q[_W_WSEQ] = 2
+
+
+def recover(m: Mapping, path: str) -> None:
+    """Repair what a writer killed mid-operation can leave: odd rows and stale counts.
+
+    Every write publishes in an order that keeps each half-done row
+    self-consistent (payload before tag, tag before seq is even), so
+    making odd seq words even is enough for the rows; the counts are
+    recomputed from the tags, and the dead writer's temporary files go.
+    """
+    seq = m.seqcol
+    odd = np.flatnonzero(seq & _U1)
+    if len(odd):
+        seq[odd] = seq[odd] + _U1
+    tags = m.tags
+    m.q[_W_COUNT] = int(np.count_nonzero(tags >= 2))
+    m.q[_W_TOMB] = int(np.count_nonzero(tags == TOMBSTONE))
+    for p in stale_temp_files(path):
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+    m.q[_W_NREC] += 1
+    m.q[_W_WSEQ] = m.q[_W_WSEQ] + 1
+
+
+def follow(m: Mapping, path: str, readonly: bool) -> Mapping | None:
+    """The mapping to use instead of ``m``, whose ``state`` word is not LIVE.
+
+    Returns None if ``m`` is still the one to use (retired, but still the
+    file at the path: its rebuilder died before renaming the new file over
+    it), else the rebuilt file now at the path, opened.  Raises
+    TableRemovedError if the table was removed, or the path now holds
+    another table (docs/format.md, "Rebuilding").
+    """
+    state = m.q[_W_STATE]
+    if state == STATE_REMOVED:
+        raise TableRemovedError(f"table {path} was removed (unlinked)")
+    if state != STATE_RETIRED:
+        raise FormatError(f"{path}: unknown table state {int(state)} in the header (corrupt?)")
+    if same_file(path, m.inode):
+        return None
+    try:
+        new = open_mapping(path, readonly)
+    except TableNotFoundError:
+        raise TableRemovedError(f"table {path} was removed (unlinked)") from None
+    g, ng = m.geometry, new.geometry
+    if (ng.seed, ng.created_ns, ng.key_width) != (g.seed, g.created_ns, g.key_width):
+        new.close()
+        raise TableRemovedError(f"table {path} was removed; the table now at that path is "
+                                "another one (open it again)")
+    return new
