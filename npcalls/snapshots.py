@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .layout import NOT_SET
+from .storage import pid_alive
 
 __all__ = ["write_snapshot", "prune", "snapshot_path", "run_periodic", "SnapshotResult",
            "arrow_table", "FILE_RE"]
@@ -166,16 +167,6 @@ def _fsync_dir(d: str) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def prune(root: str, keep_ns: int, *, host: str, tables: Sequence[str] | None = None,
           now_ns: int | None = None) -> list[str]:
     """Remove this host's snapshots older than ``keep_ns`` (by the time in their name).
@@ -215,7 +206,7 @@ def prune(root: str, keep_ns: int, *, host: str, tables: Sequence[str] | None = 
                     _unlink(p, removed)
             else:
                 tm = _TMP_RE.match(fn)
-                if tm and int(tm["pid"]) != os.getpid() and not _pid_alive(int(tm["pid"])):
+                if tm and int(tm["pid"]) != os.getpid() and not pid_alive(int(tm["pid"])):
                     _unlink(p, removed)
         try:
             os.rmdir(d)         # only succeeds when empty

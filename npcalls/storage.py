@@ -28,7 +28,7 @@ import numpy as np
 from .errors import FormatError, NpcallsError, TableExistsError, TableNotFoundError
 from .layout import BUCKET, HEADER_SIZE, Geometry, pack_header, parse_header, row_dtype
 
-__all__ = ["resolve", "shm_dir", "Mapping", "build_temp", "link_into_place", "open_mapping",
+__all__ = ["resolve", "pid_alive", "shm_dir", "Mapping", "build_temp", "link_into_place", "open_mapping",
            "remove_files", "same_file", "stale_temp_files"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
@@ -308,12 +308,13 @@ def stale_temp_files(path: str) -> list[str]:
                 pid = int(n[len(prefix):].split("-")[0])
             except ValueError:
                 continue
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 out.append(os.path.join(d, n))
     return out
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists (also one of another user, which we may not signal)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
