@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (each installs what it needs):
 #   make demo   - create a table, load the bundled Kamailio log, print what it holds
-#   make test   - the whole test suite (installs Kamailio and sipp for the end-to-end test)
+#   make test   - lint, then the whole test suite (installs Kamailio, sipp and Prometheus for the end-to-end tests)
 # and, for numbers:
 #   make bench  - benchmarks against peers, measured in the same run
 
