@@ -36,6 +36,7 @@ import numpy as np
 
 from .errors import NpcallsError
 from .layout import NOT_SET
+from .signals import stop_event
 
 __all__ = ["TableCollector", "ExporterServer", "serve", "parse_listen", "DEFAULT_LISTEN",
            "DEFAULT_STUCK_AFTER_S"]
@@ -285,12 +286,10 @@ def serve(tables: Sequence[str], listen: str = DEFAULT_LISTEN, *, host: str | No
 def run_forever(server: ExporterServer, stop_signals: Iterable[int] = (signal.SIGTERM,
                                                                       signal.SIGINT)) -> None:
     """Block until one of ``stop_signals`` arrives, then close the server."""
-    done = threading.Event()
-    old = {s: signal.signal(s, lambda *_: done.set()) for s in stop_signals}
+    done, restore = stop_event(stop_signals)
     try:
         while not done.wait(3600):
             pass
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        restore()
         server.close()

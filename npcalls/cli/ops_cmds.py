@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 from typing import Any
 
+from ..signals import stop_event
 from ._common import CliError, duration_arg
 
 
@@ -65,10 +65,7 @@ def register(sub: Any) -> None:
 
 
 def _stop_on_signals() -> threading.Event:
-    ev = threading.Event()
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, lambda *_: ev.set())
-    return ev
+    return stop_event()[0]
 
 
 def cmd_exporter(a: argparse.Namespace) -> int:
