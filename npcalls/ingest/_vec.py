@@ -131,6 +131,7 @@ def field(a: np.ndarray | None, start: np.ndarray, stop: np.ndarray,
     ``rows`` as for :func:`gather` (with a one-row ``m``, positions in a flat buffer).
     """
     if m is None:
+        assert a is not None, "field() needs the array or its matrix"
         m = matrix(a)
     length = np.maximum(stop - start, 0)
     if k is None:

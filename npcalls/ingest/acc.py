@@ -219,9 +219,9 @@ def parse_acc_text(rest: bytes) -> tuple:
     t, why = acc_time(f)
     if t is None:
         return (BAD, why)
-    why = call_id_problem(cid)
-    if why:
-        return (BAD, why)
+    bad_cid = call_id_problem(cid)
+    if bad_cid:
+        return (BAD, bad_cid)
     c = int(code)
     if kind == b"call missed":
         return (FAILED,)
@@ -332,6 +332,32 @@ def parse_cdr_text(rest: bytes) -> tuple:
 
 
 # ---------------------------------------------------------------------- per chunk (fast)
+
+class _Rows:
+    """The texts one pass captured and where each lies in its chunk (found only when asked).
+
+    ``group``: the regex group whose start is a row's offset (what line numbers
+    are taken from); ``skip``: bytes from that offset to the row's text.
+    """
+
+    def __init__(self, rows: list[bytes], chunk: bytes, rx: re.Pattern, group: int,
+                 skip: int) -> None:
+        self.rows, self.chunk, self.rx, self.group, self.skip = rows, chunk, rx, group, skip
+        self._offsets: list[int] | None = None
+
+    def offset(self, i: int) -> int:
+        if self._offsets is None:
+            self._offsets = [x.start(self.group) for x in self.rx.finditer(self.chunk)]
+        return self._offsets[i]
+
+    def text(self, i: int) -> bytes:
+        """Row ``i`` up to its line's end (a capture stops at :data:`_REST` bytes)."""
+        row = self.rows[i]
+        if len(row) < _REST:
+            return row
+        off = self.offset(i) + self.skip
+        return self.chunk[off:self.chunk.find(b"\n", off)]
+
 
 class AccParser:
     """Parse chunks of acc logs into event arrays.
@@ -504,18 +530,8 @@ class AccParser:
         g = gather(m, p_k + 6, None, 4)
         ok &= ((g[:, :3] >= 48) & (g[:, :3] <= 57)).all(axis=1) & ((g[:, 3] == 59) | (g[:, 3] == 0))
         c0 = g[:, 0]
-        offsets: list[int] | None = None
-
-        def text(i: int) -> bytes:
-            nonlocal offsets
-            if len(rows[i]) < _REST:
-                return rows[i]
-            if offsets is None:
-                offsets = [x.start() for x in _ACC_RX.finditer(chunk)]
-            off = offsets[i]
-            return chunk[off + 5:chunk.find(b"\n", off)]
-
-        cut = self._cut_rows("acc", A, m, ~ended, text)
+        rt = _Rows(rows, chunk, _ACC_RX, 0, 5)
+        cut = self._cut_rows("acc", A, m, ~ended, rt.text)
         ok &= ~cut
         cid = field(A, p_c + 9, p_k, m)
         kok, too_long, odd = key_check(cid, self.key_width, has_nul)
@@ -533,22 +549,8 @@ class AccParser:
         tl = np.flatnonzero(ok & too_long & two & (is_inv | is_bye))
         p.acc_lines += int(np.count_nonzero(ok & too_long)) - len(tl)
         p.failed += int(np.count_nonzero(ok & too_long & (missed | (is_inv & ~two))))
-        slow = np.flatnonzero(~ok)
-        if (len(tl) or len(slow)) and offsets is None:
-            offsets = [m.start() for m in _ACC_RX.finditer(chunk)]
-        for i in tl.tolist():
-            self._problem(p, "too_long", self._too_long_reason(len(cid[i])), source, lines,
-                          offsets[i])
-        for i in slow.tolist():
-            off = offsets[i]
-            row = rows[i]
-            if len(row) >= _REST:       # the capture stopped short of the line's end
-                row = chunk[off + 5:chunk.find(b"\n", off)]
-            r = parse_acc_text(row)
-            if cut[i] and r[0] not in (BAD, IGNORED):
-                self._problem(p, "bad", self._cut_reason("acc", row), source, lines, off)
-                continue
-            self._slow_outcome(r, i, p, slow_events, source, lines, off, "acc")
+        self._slow_rows("acc", p, cid, tl, np.flatnonzero(~ok), cut, rt, slow_events, source,
+                        lines)
         ev = start_row | end_row
         keys = cid[ev]
         st = np.where(start_row, t, NOT_SET)[ev]
@@ -558,6 +560,26 @@ class AccParser:
             keys, st, en = _merge(np.flatnonzero(ev), keys, st, en, acc_ev)
         p.acc_keys, p.acc_start, p.acc_end = keys, st, en
         slow_events[:] = [e for e in slow_events if e[0] == CDR]
+
+    def _slow_rows(self, what: str, p: Parsed, cid: np.ndarray, too_long: np.ndarray,
+                   slow: np.ndarray, cut: np.ndarray, rt: _Rows, slow_events: list, source: str,
+                   lines: ChunkLines) -> None:
+        """Report the rows whose Call-ID is too long; read the rows the fast path left
+        (``slow``) with the careful parser."""
+        for i in too_long.tolist():
+            self._problem(p, "too_long", self._too_long_reason(len(cid[i])), source, lines,
+                          rt.offset(i))
+        parse, keep = (parse_acc_text, (BAD, IGNORED)) if what == "acc" else \
+            (parse_cdr_text, (BAD,))
+        for i in slow.tolist():
+            off = rt.offset(i)
+            row = rt.text(i)
+            r = parse(row)
+            if cut[i] and r[0] not in keep:
+                # a cut line whose outcome would be an event or a count: refused
+                self._problem(p, "bad", self._cut_reason(what, row), source, lines, off)
+                continue
+            self._slow_outcome(r, i, p, slow_events, source, lines, off, what)
 
     def _slow_outcome(self, r: tuple, i: int, p: Parsed, slow_events: list, source: str,
                       lines: ChunkLines, off: int, what: str) -> None:
@@ -594,18 +616,8 @@ class AccParser:
             B = B.astype("S1")
         m = matrix(B)
         st, en, dstart, ok, cand = _cdr_times(B, m)
-        offsets: list[int] | None = None
-
-        def text(i: int) -> bytes:
-            nonlocal offsets
-            if len(rows[i]) < _REST:
-                return rows[i]
-            if offsets is None:
-                offsets = [x.start(1) for x in rx.finditer(chunk)]
-            off = offsets[i]
-            return chunk[off:chunk.find(b"\n", off)]
-
-        cut = self._cut_rows("cdr", B, m, cand, text)
+        rt = _Rows(rows, chunk, rx, 1, 0)
+        cut = self._cut_rows("cdr", B, m, cand, rt.text)
         ok &= ~cut
         # the duration only matters as zero (a dialog never answered: Kamailio
         # writes "0") or not; its digits are checked, not converted
@@ -630,23 +642,8 @@ class AccParser:
         tl = np.flatnonzero(ok & too_long & (du != 0))
         p.cdr_lines += int(np.count_nonzero(ok & too_long)) - len(tl)
         p.failed += int(np.count_nonzero(ok & too_long & (du == 0)))
-        slow = np.flatnonzero(~ok & cand)
-        if (len(tl) or len(slow)) and offsets is None:
-            # where each row's text starts (inside its line, for line numbers)
-            offsets = [m.start(1) for m in rx.finditer(chunk)]
-        for i in tl.tolist():
-            self._problem(p, "too_long", self._too_long_reason(len(cid[i])), source, lines,
-                          offsets[i])
-        for i in slow.tolist():
-            off = offsets[i]
-            row = rows[i]
-            if len(row) >= _REST:
-                row = chunk[off:chunk.find(b"\n", off)]
-            r = parse_cdr_text(row)
-            if cut[i] and r[0] != BAD:
-                self._problem(p, "bad", self._cut_reason("cdr", row), source, lines, off)
-                continue
-            self._slow_outcome(r, i, p, slow_events, source, lines, off, "cdr")
+        self._slow_rows("cdr", p, cid, tl, np.flatnonzero(~ok & cand), cut, rt, slow_events,
+                        source, lines)
         keys, s2, e2 = cid[answered], st[answered], en[answered]
         if slow_events:
             keys, s2, e2 = _merge(np.flatnonzero(answered), keys, s2, e2, slow_events)

@@ -26,25 +26,47 @@ def _human(n: float) -> str:
     return f"{n:.1f}T"
 
 
-class _Plain:
+class _Display:
+    """What both displays share: a refresh limit and the figures they show."""
+
+    interval = 0.2
+    """Seconds between two refreshes at most (the callback comes per chunk)."""
+
+    def __init__(self, follow: bool) -> None:
+        self.follow = follow
+        self._last = 0.0
+
+    def _due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return False
+        self._last = now
+        return True
+
+    @staticmethod
+    def _figures(s: Summary, sep: str) -> tuple[str, str]:
+        """(lines/s, "N started<sep>N ended[<sep>N bad]")."""
+        rate = s.lines / s.seconds if s.seconds > 0 else 0.0
+        calls = f"{_human(s.started)} started{sep}{_human(s.ended)} ended"
+        if s.bad or s.too_long:
+            calls += f"{sep}{s.bad + s.too_long} bad"
+        return _human(rate), calls
+
+
+class _Plain(_Display):
     """One line on stderr, rewritten in place."""
 
     def __init__(self, stream: TextIO, follow: bool) -> None:
+        super().__init__(follow)
         self.stream = stream
-        self.follow = follow
-        self._last = 0.0
         self._width = 0
 
     def __call__(self, s: Summary, done: int, total: int | None) -> None:
-        now = time.monotonic()
-        if now - self._last < 0.2:
+        if not self._due():
             return
-        self._last = now
-        rate = s.lines / s.seconds if s.seconds > 0 else 0.0
+        rate, calls = self._figures(s, "  ")
         pct = f"{100 * done / total:5.1f}% " if total else ""
-        line = (f"{pct}{_human(s.lines)} lines  {_human(rate)} lines/s  "
-                f"{_human(s.started)} started  {_human(s.ended)} ended"
-                + (f"  {s.bad + s.too_long} bad" if s.bad or s.too_long else "")
+        line = (f"{pct}{_human(s.lines)} lines  {rate} lines/s  {calls}"
                 + ("  (following; Ctrl-C ends)" if self.follow else ""))
         self._width = max(self._width, len(line))
         self.stream.write("\r" + line.ljust(self._width))
@@ -56,13 +78,15 @@ class _Plain:
             self.stream.flush()
 
 
-class _Rich:
+class _Rich(_Display):
     """A rich progress bar (manual refresh: no thread)."""
+
+    interval = 0.1
 
     def __init__(self, stream: TextIO, follow: bool) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-        self.follow = follow
+        super().__init__(follow)
         self.progress = Progress(
             TextColumn("[bold]ingest[/]"), BarColumn(), TaskProgressColumn(),
             TextColumn("{task.fields[lines]} lines  {task.fields[rate]} lines/s  "
@@ -72,19 +96,13 @@ class _Rich:
         self.task = self.progress.add_task("ingest", total=None, lines="0", rate="0",
                                            calls="")
         self.progress.start()
-        self._last = 0.0
 
     def __call__(self, s: Summary, done: int, total: int | None) -> None:
-        now = time.monotonic()
-        if now - self._last < 0.1:
+        if not self._due():
             return
-        self._last = now
-        rate = s.lines / s.seconds if s.seconds > 0 else 0.0
-        calls = f"{_human(s.started)} started, {_human(s.ended)} ended"
-        if s.bad or s.too_long:
-            calls += f", {s.bad + s.too_long} bad"
+        rate, calls = self._figures(s, ", ")
         self.progress.update(self.task, completed=done, total=None if self.follow else total,
-                             lines=_human(s.lines), rate=_human(rate), calls=calls)
+                             lines=_human(s.lines), rate=rate, calls=calls)
         self.progress.refresh()
 
     def close(self) -> None:

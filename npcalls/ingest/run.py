@@ -230,6 +230,7 @@ def _read_one(path: str, opts: dict, loader: Loader, summary: Summary,
         # A large file: its first chunk (the header, the format) was read
         # here; the rest is parsed by worker processes.
         offset = src.position()
+    assert src.size is not None         # (big is only set for files of a known size)
     for p, pos in _par.parallel_parse(path, offset, src.size, feed.parser, jobs, feed.line):
         loader.add(p)
         done[0] = base + pos

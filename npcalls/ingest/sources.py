@@ -15,7 +15,7 @@ import io
 import lzma
 import os
 import sys
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 __all__ = ["CHUNK", "Source", "SourceError", "TruncatedInput", "open_source", "Tail"]
 
@@ -78,7 +78,7 @@ class Source:
         ``size``: bytes to read at a time (default :data:`CHUNK`).
         """
         size = size or CHUNK
-        read = self.stream.read
+        read: Callable[[int], bytes] = self.stream.read
         if self.compression is not None:
             yield from self._decompressed(size)
             return
@@ -226,7 +226,7 @@ def open_source(path: str, stdin: BinaryIO | None = None) -> Source:
     if path == "-":
         raw = stdin if stdin is not None else sys.stdin.buffer
         if not hasattr(raw, "peek"):
-            raw = io.BufferedReader(raw)  # type: ignore[arg-type]
+            raw = io.BufferedReader(raw)
         kind = _kind(raw)
         return Source("<stdin>", _decompressor(kind, raw), raw, None, kind, owned=False)
     try:

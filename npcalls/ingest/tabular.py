@@ -223,10 +223,10 @@ class TabularParser:
         body = chunk
         first = base_line + 1
         if not self._header_seen:
-            nl = chunk.find(b"\n")
-            self._header(chunk[:nl])
+            hdr_end = chunk.find(b"\n")
+            self._header(chunk[:hdr_end])
             self._header_seen = True
-            body = chunk[nl + 1:]
+            body = chunk[hdr_end + 1:]
             first += 1
         if self._carry is not None:
             # a quoted record left open by the previous chunk goes on here
@@ -259,10 +259,10 @@ class TabularParser:
             ends -= cr & (ends > starts)
         blank = ends == starts
         ok = (ncomma == self._ncols - 1) & ~blank
-        lines = ChunkLines(body, 0, starts, ends)
+        cl = ChunkLines(body, 0, starts, ends)
         reasons: dict[int, str] = {}
         for i in np.flatnonzero(~ok & ~blank).tolist():
-            if not lines[i].strip():
+            if not cl[i].strip():
                 blank[i] = True                       # spaces only: a blank line
                 continue
             reasons[i] = f"expected {self._ncols} fields, found {int(ncomma[i]) + 1}"
@@ -286,13 +286,13 @@ class TabularParser:
         keys = strip_if_needed(get(span(cid_c)))
         st, en = self._times(get, span(st_c) if st_c is not None else None,
                              span(en_c) if en_c is not None else None, ok, reasons)
-        return self._finish(p, keys, st, en, ok, lines, first, source, reasons)
+        return self._finish(p, keys, st, en, ok, cl, first, source, reasons)
 
     def _times(self, get: Any, sspan: Any, espan: Any, ok: np.ndarray,
                reasons: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
         n = len(ok)
         out = []
-        raw = []
+        raw: list[np.ndarray | None] = []
         for i, sp in enumerate((sspan, espan)):
             if sp is None:
                 raw.append(None)
@@ -305,8 +305,9 @@ class TabularParser:
                 unit = self._units[i] if self.time_unit == "auto" else self.time_unit
                 if unit is None:
                     unit = self._unit(i, f[present & ok])
-                if unit is None and raw[1 - i] is not None:
-                    unit = self._unit(1 - i, raw[1 - i][ok])
+                other = raw[1 - i]
+                if unit is None and other is not None:
+                    unit = self._unit(1 - i, other[ok])
                 if unit is not None and present.any():
                     v, vok = parse_column(f, unit)
                     col = np.where(present & vok, v, NOT_SET)
@@ -356,8 +357,8 @@ class TabularParser:
         numbers: list[int] = []
         texts: list[bytes] = []
         reasons: dict[int, str] = {}
-        for li, row, why in recs:
-            if row is not None and not "".join(row).strip():
+        for li, rec, why in recs:
+            if rec is not None and not "".join(rec).strip():
                 p.ignored += 1                          # a blank line
                 continue
             i = len(keys)
@@ -367,17 +368,17 @@ class TabularParser:
             cols[0].append(b"")
             cols[1].append(b"")
             ok_l.append(False)
-            if row is None:
+            if rec is None:
                 reasons[i] = why or "unreadable CSV"
                 continue
-            if len(row) != self._ncols:
-                reasons[i] = f"expected {self._ncols} fields, found {len(row)}"
+            if len(rec) != self._ncols:
+                reasons[i] = f"expected {self._ncols} fields, found {len(rec)}"
                 continue
             ok_l[i] = True
-            keys[i] = row[cid_c].strip().encode("utf-8", "surrogateescape")
+            keys[i] = rec[cid_c].strip().encode("utf-8", "surrogateescape")
             for j, c in enumerate((st_c, en_c)):
                 if c is not None:
-                    cols[j][i] = row[c].strip().encode("utf-8", "surrogateescape")
+                    cols[j][i] = rec[c].strip().encode("utf-8", "surrogateescape")
         n = len(keys)
         ok = np.array(ok_l, bool)
         K = np.array(keys) if n else np.empty(0, "S1")
