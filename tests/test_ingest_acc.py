@@ -726,3 +726,66 @@ def test_aggregate_falls_back_on_hash_collisions(make_table, monkeypatch):
     s.add(AccParser(64).parse(b.text()))
     s.close()
     assert table_dict(t) == expected_dict(b.expected)
+
+
+def _chunks_of(data: bytes, n: int) -> list[bytes]:
+    lines = data.splitlines(keepends=True)
+    step = -(-len(lines) // n)
+    return [b"".join(lines[i:i + step]) for i in range(0, len(lines), step)]
+
+
+@pytest.mark.parametrize("style,time_mode,time_name", [
+    ("stderr", 2, "t_ms"), ("syslog3164", 2, "time_attr"), ("none", 1, "time_exten")])
+def test_byte_scan_agrees_with_the_general_pass(monkeypatch, style, time_mode, time_name):
+    """Chunks after the first are read by the byte scan (npcalls.ingest._scan) where
+    their lines have the usual layout: events, counts and problems (with their line
+    numbers) are those of the general pass reading the whole text as one chunk."""
+    import npcalls.ingest.acc as acc_mod
+    b = LogBuilder(style, time_mode=time_mode, time_name=time_name, seed=11)
+    build_mix(b, 400, long_ids=True)
+    t0 = 1_795_668_500_000
+    odd = [
+        "ACC: transaction answered: timestamp=1795668500;t_ms=1795668500.1;method=INVITE;"
+        "from_tag=x;to_tag=y;call_id=trunc",                                 # cut short
+        "ACC: transaction answered: timestamp=1795668500;method=INVITE;from_tag=x;"
+        "to_tag=y;call_id=c1@x;code=2x0;reason=OK",                          # unreadable code
+        "ACC: transaction answered: timestamp=1795668500;method=INVITE;from_tag=x;"
+        "to_tag=y;call_id=c 5@x;code=200;reason=OK",                         # space in Call-ID
+        "ACC: transaction answered: timestamp=1795668500;method=INVITE;from_tag=x;"
+        "to_tag=y;call_id=" + "L" * 300 + ";code=200;reason=OK",             # too long
+        "start_time=1795668500.000; end_time=17956x8501.000; duration=1.000; call_id=c4@x",
+        "ACC: transaction answered: timestamp=1795668500;method=REGISTER;from_tag=x;"
+        "to_tag=y;call_id=reg@x;code=200;reason=OK",                         # other method
+    ]
+    for i, line in enumerate(odd):
+        b.bad(t0 + 60_000 + i * 1000, line)       # after the first chunk's lines
+    data = b.text()
+    whole = AccParser(key_width=200, max_problems=10**6).parse(data)
+
+    used = []
+    real_scan = acc_mod.scan
+
+    def counting_scan(*a, **k):
+        r = real_scan(*a, **k)
+        used.append(r is not None)
+        return r
+
+    monkeypatch.setattr(acc_mod, "scan", counting_scan)
+    p = AccParser(key_width=200, max_problems=10**6)
+    parts = []
+    base = 0
+    for chunk in _chunks_of(data, 6):
+        parts.append(p.parse(chunk, base))
+        base += parts[-1].lines
+    assert any(used), "the byte scan never read a chunk"
+
+    def cat(name: str) -> list:
+        return [x for q in parts for x in getattr(q, name).tolist()]
+
+    for name in ("acc_keys", "acc_start", "acc_end", "cdr_keys", "cdr_start", "cdr_end"):
+        assert cat(name) == getattr(whole, name).tolist(), name
+    for name in ("lines", "acc_lines", "cdr_lines", "failed", "ignored", "bad", "too_long"):
+        assert sum(getattr(q, name) for q in parts) == getattr(whole, name), name
+    assert [(q.line, q.kind, q.reason) for x in parts for q in x.problems] == \
+        [(q.line, q.kind, q.reason) for q in whole.problems]
+    assert whole.bad >= 4 and whole.too_long == 1
