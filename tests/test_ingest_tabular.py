@@ -9,6 +9,7 @@ import json
 import random
 from typing import Any
 
+import numpy as np
 import pytest
 
 import npcalls
@@ -257,3 +258,18 @@ def test_a_live_pipe_is_read_without_waiting_for_a_full_chunk():
         assert got == [b"x\ny\n"]
     finally:
         os.close(wfd)
+
+
+def test_epoch_column_of_mixed_widths_and_empty_cells_is_read_exactly():
+    """Most cells of one width are read digit column by digit column, the others
+    by numpy's conversion: both give Python's int() of the text, and cells that
+    are empty, not digits or past int64 are refused."""
+    from npcalls.ingest._vec import parse_column
+    cells = [b"1795668428123456789", b"", b"1795668428000000001", b"17", b"x1",
+             b"9223372036854775808", b"1795668428999999999", b"0000000000000000042",
+             b"1795668428123456789"] * 3
+    for unit, scale in (("ns", 1), ("s", 10**9)):
+        v, ok = parse_column(np.array(cells, "S19"), unit)
+        for c, got, good in zip(cells, v.tolist(), ok.tolist()):
+            want = int(c) * scale if c.isdigit() and int(c) * scale < 2**63 else None
+            assert (got if good else None) == want, (unit, c)

@@ -378,16 +378,22 @@ def parse_column(a: np.ndarray, unit: str) -> tuple[np.ndarray, np.ndarray]:
     if a.dtype.itemsize >= 19:
         ok &= (lens < 19) | (a <= b"9223372036854775807")
     v = np.zeros(n, np.int64)
-    w = int(lens[0])
-    if ok.all() and (lens == w).all():
-        # one width (epoch values of one era): Horner over the digit columns
-        # beats numpy's string-to-int conversion several times
+    w = int(np.max(lens[ok])) if ok.any() else 0
+    same = ok & (lens == w)
+    if w and np.count_nonzero(same) * 2 >= n:
+        # most rows of one width (epoch values of one era; the others are
+        # often empty): Horner over the digit columns beats numpy's
+        # string-to-int conversion several times
         m = matrix(a)
-        v = m[:, 0].astype(np.int64) - 48
+        h = m[:, 0].astype(np.int64) - 48
         for j in range(1, w):
-            v *= 10
-            v += m[:, j]
-            v -= 48
+            h *= 10
+            h += m[:, j]
+            h -= 48
+        v = np.where(same, h, 0)
+        rest = ok & ~same
+        if rest.any():
+            v[rest] = a[rest].astype(np.int64)
     elif ok.all():
         v = a.astype(np.int64)
     elif ok.any():
