@@ -64,7 +64,6 @@ from typing import Callable
 import numpy as np
 
 from ..layout import NOT_SET
-from ._scan import scan
 from ._vec import (
     S,
     Template,
@@ -406,15 +405,10 @@ class AccParser:
             p = self._parse(chunk, base_line, source)
         return p
 
-    def _parse(self, chunk: bytes, base_line: int, source: str,
-               numbers: np.ndarray | None = None) -> Parsed:
-        if numbers is None:
-            p = self._parse_scan(chunk, base_line, source)
-            if p is not None:
-                return p
+    def _parse(self, chunk: bytes, base_line: int, source: str) -> Parsed:
         p = Parsed()
         p.lines = chunk.count(b"\n")
-        lines = ChunkLines(chunk, base_line, numbers=numbers)
+        lines = ChunkLines(chunk, base_line)
         has_nul = b"\x00" in chunk
         acc_rows = _ACC_RX.findall(chunk)
         cdr_rx = _CDR_RX_BOL if self._bol_cdr else _CDR_RX
@@ -436,42 +430,6 @@ class AccParser:
             p.problems.sort(key=lambda q: q.line)
             del p.problems[max(0, self.max_problems - self.kept):]
             self.kept += len(p.problems)
-        return p
-
-    def _parse_scan(self, chunk: bytes, base_line: int, source: str) -> Parsed | None:
-        """The usual lines by :func:`._scan.scan`, the others by the general pass.
-
-        None when the chunk must go to the general pass whole: a NUL in it, the
-        shape of its lines not known yet, or an event among the lines left
-        (the events of both passes would have to be merged in line order), or
-        a line left that changed the shape of lines (see :meth:`_cut_rows`).
-        """
-        acc_shape, cdr_shape = self._shape["acc"], self._shape["cdr"]
-        if acc_shape is None or b"\x00" in chunk:
-            return None
-        sc = scan(chunk, acc_shape[1], cdr_shape[1] if cdr_shape else None, self.key_width,
-                  self._bol_cdr)
-        if sc is None:
-            return None
-        if len(sc.slow):
-            nl = sc.nl
-            ends = (nl[sc.slow] + 1).tolist()
-            begins = np.where(sc.slow > 0, nl[sc.slow - 1] + 1, 0).tolist()
-            sub = b"".join([chunk[a:b] for a, b in zip(begins, ends)])
-            kept = self.kept
-            p = self._parse(sub, 0, source, numbers=base_line + 1 + sc.slow)
-            if p.rows or self._shape["acc"] is not acc_shape or self._shape["cdr"] is not cdr_shape:
-                self.kept = kept
-                return None
-        else:
-            p = Parsed()
-        p.lines = sc.lines
-        p.acc_keys, p.acc_start, p.acc_end = sc.acc_keys, sc.acc_start, sc.acc_end
-        p.cdr_keys, p.cdr_start, p.cdr_end = sc.cdr_keys, sc.cdr_start, sc.cdr_end
-        p.acc_lines += sc.acc_lines
-        p.cdr_lines += sc.cdr_lines
-        p.failed += sc.failed
-        p.ignored = max(0, p.lines - p.acc_lines - p.cdr_lines - p.bad - p.too_long)
         return p
 
     def _problem(self, p: Parsed, kind: str, reason: str, source: str, lines: ChunkLines,

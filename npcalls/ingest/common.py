@@ -141,17 +141,13 @@ class ChunkLines:
     starts, ends : numpy.ndarray, optional
         Where each line begins and ends, when the caller has cut the chunk
         already: then ``lines[i]`` is line ``i`` without its end.
-    numbers : numpy.ndarray, optional
-        The source's line number of each line of the chunk, when the chunk
-        gathers lines picked out of a larger one (``base`` is then unused).
     """
 
     def __init__(self, chunk: bytes, base: int = 0, starts: np.ndarray | None = None,
-                 ends: np.ndarray | None = None, numbers: np.ndarray | None = None) -> None:
+                 ends: np.ndarray | None = None) -> None:
         self.chunk = chunk
         self.base = base
         self.starts, self.ends = starts, ends
-        self.numbers = numbers
         self._nl: np.ndarray | None = None
         self._asked = 0
 
@@ -166,10 +162,8 @@ class ChunkLines:
         if self._nl is None and self._asked > 16:
             self._nl = np.flatnonzero(np.frombuffer(self.chunk, np.uint8) == 10)
         if self._nl is not None:
-            i = int(np.searchsorted(self._nl, off))
-        else:
-            i = self.chunk.count(b"\n", 0, off)
-        return self.base + i + 1 if self.numbers is None else int(self.numbers[i])
+            return self.base + int(np.searchsorted(self._nl, off)) + 1
+        return self.base + self.chunk.count(b"\n", 0, off) + 1
 
     def text(self, off: int) -> bytes:
         """The whole line holding the byte at ``off``."""
