@@ -191,13 +191,6 @@ def where_time_goes(log: str, cap: int) -> dict:
     t0 = time.perf_counter()
     parts = [p.parse(c) for c in chunks]
     t_parse = time.perf_counter() - t0
-    # the same chunks by the general pass alone (the parser before the byte scan)
-    g = AccParser(key_width=64)
-    g._parse_scan = lambda *a: None         # type: ignore[method-assign]
-    t0 = time.perf_counter()
-    for c in chunks:
-        g.parse(c)
-    t_general = time.perf_counter() - t0
     del chunks
     # what --jobs adds in the parent: each worker's parsed chunks cross the
     # process boundary pickled (dumps in the worker, loads here)
@@ -223,8 +216,7 @@ def where_time_goes(log: str, cap: int) -> dict:
         t.close()
         npcalls.CallTable.unlink(name)
     return dict(read=t_read, parse=t_parse, write=t_write, total=t_read + t_parse + t_write,
-                pickle_dumps=t_dumps, pickle_loads=t_loads, handed_bytes=handed,
-                parse_general_only=t_general)
+                pickle_dumps=t_dumps, pickle_loads=t_loads, handed_bytes=handed)
 
 
 def paper_speedup(w: dict, fixed: float, cores: int) -> float:
@@ -420,8 +412,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"the parent with --jobs: pickle {w['pickle_dumps']:.2f} s in the workers, "
                   f"unpickle {w['pickle_loads']:.2f} s in the parent "
                   f"({w['handed_bytes'] / 1e6:.0f} MB); fixed cost of the CLI {fixed:.2f} s")
-            print(f"  parse by the general pass alone (no byte scan): {w['parse_general_only']:.2f} s "
-                  f"({w['parse_general_only'] / w['parse']:.2f}x the parse above)")
             print(f"  on paper (idle cores, see paper_speedup): 2 cores {est2:.2f}x, "
                   f"16 cores {est16:.1f}x one core; measured 2 jobs {tc1 / tc2:.2f}x "
                   f"at load {load_2:.1f}")
