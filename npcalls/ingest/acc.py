@@ -83,6 +83,7 @@ from .common import (
     Problem,
     call_id_problem,
     clean_eol,
+    count_lines,
     count_problem,
     problem_text,
     show,
@@ -407,7 +408,7 @@ class AccParser:
 
     def _parse(self, chunk: bytes, base_line: int, source: str) -> Parsed:
         p = Parsed()
-        p.lines = chunk.count(b"\n")
+        p.lines = count_lines(chunk)
         lines = ChunkLines(chunk, base_line)
         has_nul = b"\x00" in chunk
         acc_rows = _ACC_RX.findall(chunk)

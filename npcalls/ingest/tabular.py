@@ -43,7 +43,16 @@ from ._vec import (
     parse_iso,
     strip_if_needed,
 )
-from .common import ChunkLines, Parsed, Problem, call_id_problem, count_problem, problem_text, too_long_reason
+from .common import (
+    ChunkLines,
+    Parsed,
+    Problem,
+    call_id_problem,
+    count_lines,
+    count_problem,
+    problem_text,
+    too_long_reason,
+)
 
 __all__ = ["TabularParser", "CALL_ID_NAMES", "START_NAMES", "END_NAMES", "TIME_UNITS",
            "TIME_WINDOW", "looks_like_csv_header"]
@@ -219,7 +228,7 @@ class TabularParser:
 
     def _csv(self, chunk: bytes, base_line: int, source: str) -> Parsed:
         p = Parsed()
-        p.lines = chunk.count(b"\n")
+        p.lines = count_lines(chunk)
         body = chunk
         first = base_line + 1
         if not self._header_seen:
@@ -405,7 +414,7 @@ class TabularParser:
 
     def _jsonl(self, chunk: bytes, base_line: int, source: str) -> Parsed:
         p = Parsed()
-        p.lines = chunk.count(b"\n")
+        p.lines = count_lines(chunk)
         lines = chunk.split(b"\n")
         lines.pop()
         n = len(lines)
