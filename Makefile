@@ -35,7 +35,7 @@ test: $(STAMP) system-deps lint
 
 # pyflakes + import order, and types (configured in pyproject.toml)
 lint: $(STAMP)
-	$(BIN)/ruff check npcalls tests
+	$(BIN)/ruff check npcalls tests bench
 	$(BIN)/mypy
 
 # The long runs: 10,000 crash kills, 10M churn cycles (see README).

@@ -45,52 +45,12 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import analysis_procs as procs  # noqa: E402  (bench/, the script's own directory)
+
 import npcalls  # noqa: E402
 from npcalls import NOT_SET, analysis  # noqa: E402
 
 S = 1_000_000_000
-
-WRITER = r"""
-import json, sys, time, numpy as np, npcalls
-name, wid, dur = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-t = npcalls.CallTable.open(name)
-lat = np.empty(4_000_000, np.int64)
-clock = time.perf_counter_ns
-prefix = f"bench-w{wid}-{time.time_ns()}-"
-i = n = 0
-t.start(prefix + "warm"); t.stop(prefix + "warm")
-stop_at = time.monotonic() + dur
-# start, stop, and remove of the call started 1,000 calls earlier: the table
-# stays at the same size (at load 0.5 removals rarely leave tombstones).
-while time.monotonic() < stop_at and n < len(lat) - 3:
-    k = f"{prefix}{i}@192.0.2.1"
-    a = clock(); t.start(k); b = clock(); t.stop(k); c = clock()
-    lat[n] = b - a; lat[n + 1] = c - b; n += 2
-    if i >= 1000:
-        old = f"{prefix}{i - 1000}@192.0.2.1"
-        a = clock(); t.remove(old); b = clock()
-        lat[n] = b - a; n += 1
-    i += 1
-lat = lat[:n]
-print(json.dumps({"ops": n, "ops_per_s": n / dur,
-                  "p50_us": float(np.percentile(lat, 50)) / 1e3,
-                  "p99_us": float(np.percentile(lat, 99)) / 1e3,
-                  "p999_us": float(np.percentile(lat, 99.9)) / 1e3,
-                  "max_us": float(lat.max()) / 1e3}))
-"""
-
-SNAPSHOT_LOOP = r"""
-import json, sys, time, npcalls
-name, dur = sys.argv[1], float(sys.argv[2])
-t = npcalls.CallTable.open(name, readonly=True)
-times = []
-stop_at = time.monotonic() + dur
-while time.monotonic() < stop_at:
-    a = time.perf_counter(); s = t.snapshot(); times.append(time.perf_counter() - a)
-print(json.dumps({"snapshots": len(times), "mean_ms": 1e3 * sum(times) / len(times),
-                  "rows": len(s)}))
-"""
-
 
 def fill(t: Any, n: int, rng: np.random.Generator) -> np.ndarray:
     """N calls of the last hour: 85% ended (lognormal holds, mean 90 s), 15% up."""
@@ -119,13 +79,13 @@ def timed(f: Callable[[], Any], reps: int) -> tuple[list[float], list[float], An
 def latency_phase(name: str, writers: int, seconds: float, with_loop: bool) -> dict:
     loop = None
     if with_loop:
-        loop = subprocess.Popen([sys.executable, "-c", SNAPSHOT_LOOP, name, str(seconds + 1.0)],
+        loop = subprocess.Popen(procs.command("snapshot-loop", name, seconds + 1.0),
                                 stdout=subprocess.PIPE, text=True)
         time.sleep(0.5)         # the loop is snapshotting before the writers start
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, name, str(w), str(seconds)],
-                              stdout=subprocess.PIPE, text=True) for w in range(writers)]
-    res = [json.loads(p.communicate()[0]) for p in procs]
-    if any(p.returncode for p in procs):
+    ws = [subprocess.Popen(procs.command("writer", name, w, seconds),
+                           stdout=subprocess.PIPE, text=True) for w in range(writers)]
+    res = [json.loads(p.communicate()[0]) for p in ws]
+    if any(p.returncode for p in ws):
         raise RuntimeError("a writer failed")
     out = {"writers": res,
            "p99_us_worst_writer": max(r["p99_us"] for r in res),

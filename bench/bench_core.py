@@ -34,6 +34,7 @@ import struct
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -319,13 +320,28 @@ PD_GET_I = "pandas get_indexer(prebuilt Index)"
 LMDB_GET = "LMDB getmulti, 1 read txn"
 
 
-def run(n: int, seed: int, res: Resources, B: Bench) -> None:
-    cap = 2 * n
+@dataclass
+class Keys:
+    """The run's Call-IDs and timestamps, in every form the contenders take them."""
+
+    n: int
+    n_hit: int
+    ins_b: list[bytes]          # the N inserted keys, as bytes (LMDB)
+    ins: list[str]              # the same, as fresh str objects (npcalls list, dict, pandas)
+    ins_s: np.ndarray           # the same, as an S64 array
+    look: list[str]             # the lookup batch: N/2 hits and N/2 misses, shuffled
+    look_b: list[bytes]
+    look_s: np.ndarray
+    expect_found: np.ndarray    # position p of the lookup batch holds a hit
+    spare: list[str]            # never inserted by the batch tests: the single ops' new keys
+    ts: np.ndarray              # the inserted keys' start times
+    ts_list: list[int]
+
+
+def make_keys(n: int, seed: int, B: Bench) -> Keys:
+    """Generate the Call-IDs (recorded in ``B.info["keys"]``) and print what they look like."""
     n_hit = n // 2
     n_miss = n - n_hit
-    m_single = max(1, min(SINGLE_OPS_MAX, n // 10))
-
-    # ---- keys -----------------------------------------------------------------
     progress("generating Call-IDs")
     t0 = perf()
     pool = make_call_ids(2 * n, seed)
@@ -339,47 +355,52 @@ def run(n: int, seed: int, res: Resources, B: Bench) -> None:
     # references in random order to the old objects would make every consumer
     # of the list (numpy's conversion, dict, pandas) chase pointers across the
     # heap (~2x slower conversion), and would hand dict and pandas cached hashes.
-    look = [look[i].encode() for i in perm.tolist()]
-    look_b = look
+    look_b = [look[i].encode() for i in perm.tolist()]
     look = [k.decode() for k in look_b]
-    expect_found = (perm < n_hit)                    # position p holds a hit iff perm[p] < n_hit
-    spare = pool[n + n_miss:]                        # never inserted by the batch tests
-    del pool
-    ins_s = np.array(ins, dtype="S64")
-    look_s = np.array(look, dtype="S64")
     ts = TS0 + np.arange(n, dtype=np.int64) * 1000
-    ts_list = ts.tolist()
+    k = Keys(n=n, n_hit=n_hit, ins_b=ins_b, ins=ins, ins_s=np.array(ins, dtype="S64"),
+             look=look, look_b=look_b, look_s=np.array(look, dtype="S64"),
+             expect_found=(perm < n_hit),            # position p holds a hit iff perm[p] < n_hit
+             spare=pool[n + n_miss:], ts=ts, ts_list=ts.tolist())
+    del pool
     lens = np.fromiter(map(len, ins), np.int64, n)
     B.info["keys"] = {"n": n, "seed": seed, "min_len": int(lens.min()), "max_len": int(lens.max()),
                       "mean_len": float(lens.mean()), "generate_s": perf() - t0,
-                      "mix": {k: w for k, w in _KINDS}}
+                      "mix": {kind: w for kind, w in _KINDS}}
     progress_done()
     say(f"keys: {n:,} Call-IDs for insert + {n_miss:,} absent ones for lookups, "
         f"{lens.min()}-{lens.max()} bytes (mean {lens.mean():.1f}), seed {seed}")
     say("      e.g. " + ", ".join(ins[:4]))
-    say(f"      mix: " + ", ".join(f"{k} {w:.0%}" for k, w in _KINDS))
+    say("      mix: " + ", ".join(f"{kind} {w:.0%}" for kind, w in _KINDS))
     say()
+    return k
 
-    # ---- batch insert -----------------------------------------------------------
+
+# ---- batch insert: each contender builds its structure of the N keys
+
+def insert_npcalls(K: Keys, res: Resources, B: Bench) -> tuple[Any, Any]:
+    """start_many cold, then warm (list and S64); returns the table kept for the next sections
+    and its stats() right after the insert."""
     sec = "insert"
+    n, cap = K.n, 2 * K.n
     # Cold: the very first start_many of this process on a brand-new table, with
     # nothing touched before it (fresh table pages and fresh numpy temporaries).
     progress("npcalls start_many, cold")
     t, name, create_s = res.new_table(cap)
-    cold_s, started = timed(lambda: t.start_many(ins, ts))
+    cold_s, started = timed(lambda: t.start_many(K.ins, K.ts))
     assert started.all() and len(t) == n
     cold_rounds = t.last_rounds
     res.drop_table(name)
     B.info["cold"] = {"start_many_list_s": cold_s, "create_s": create_s, "rounds": cold_rounds}
 
     main_name = None
-    for label, keys in ((NPL, ins), (NPS, ins_s)):
+    for label, keys in ((NPL, K.ins), (NPS, K.ins_s)):
         times, rounds = [], []
         for rep in range(BATCH_REPS):
             progress(f"{label} #{rep + 1}")
             t, name, _ = res.new_table(cap)
             t.stats()                       # reads every page: the table is mapped (warm)
-            dt, started = timed(lambda: t.start_many(keys, ts))
+            dt, started = timed(lambda: t.start_many(keys, K.ts))
             assert started.all() and len(t) == n, "start_many lost keys"
             times.append(dt)
             rounds.append(t.last_rounds)
@@ -390,89 +411,107 @@ def run(n: int, seed: int, res: Resources, B: Bench) -> None:
         B.add_batch(sec, label, times, n, "warm, pre-faulted new table each rep", rounds)
     T = res.tables[main_name]
     # first start wins: a repeated batch changes nothing and reports False
-    again = T.start_many(ins_s[: min(n, 10_000)], ts[: min(n, 10_000)] + 1)
+    m = min(n, 10_000)
+    again = T.start_many(K.ins_s[:m], K.ts[:m] + 1)
     assert not again.any()
-    st_after_insert = T.stats()
+    return T, T.stats()
 
-    D = None
+
+def insert_dicts(K: Keys, B: Bench) -> dict:
+    """The dict with start_many's semantics (returned), then the cheapest dict builds."""
+    sec = "insert"
+    D: dict = {}
     times = []
     for rep in range(BATCH_REPS):
         progress(f"dict loop #{rep + 1}")
-        D = None
+        D = {}
         gc.collect()
 
         def build() -> dict:
             d: dict = {}
-            for k, v in zip(ins, ts_list):
+            for k, v in zip(K.ins, K.ts_list):
                 if k not in d:
                     d[k] = [v, NOT_SET]
             return d
         dt, D = timed(build)
         times.append(dt)
-    assert len(D) == n
-    B.add_batch(sec, DICT_LOOP, times, n, "same semantics as start_many")
+    assert len(D) == K.n
+    B.add_batch(sec, DICT_LOOP, times, K.n, "same semantics as start_many")
 
-    for label, fn in ((DICT_COMP, lambda: {k: v for k, v in zip(ins, ts_list)}),
-                      (DICT_ZIP, lambda: dict(zip(ins, ts_list)))):
+    for label, fn in ((DICT_COMP, lambda: {k: v for k, v in zip(K.ins, K.ts_list)}),
+                      (DICT_ZIP, lambda: dict(zip(K.ins, K.ts_list)))):
         times = []
         for rep in range(BATCH_REPS):
             progress(f"{label} #{rep + 1}")
             dt, d = timed(fn)
             del d
             times.append(dt)
-        B.add_batch(sec, label, times, n, "cheapest dict builds")
+        B.add_batch(sec, label, times, K.n, "cheapest dict builds")
+    return D
 
+
+def insert_pandas(K: Keys, B: Bench) -> Any:
+    """An object Index and its hash table (returned; None without pandas)."""
+    if pd is None:
+        return None
     P = None
-    if pd is not None:
-        times = []
-        for rep in range(BATCH_REPS):
-            progress(f"pandas Index build #{rep + 1}")
-            P = None
-            gc.collect()
+    times = []
+    for rep in range(BATCH_REPS):
+        progress(f"pandas Index build #{rep + 1}")
+        P = None
+        gc.collect()
 
-            def pbuild() -> Any:
-                idx = pd.Index(ins, dtype=object)
-                assert idx.is_unique            # builds the engine's hash table
-                return idx
-            dt, P = timed(pbuild)
-            times.append(dt)
-        B.add_batch(sec, PD_BUILD, times, n, "no duplicate handling")
+        def pbuild() -> Any:
+            idx = pd.Index(K.ins, dtype=object)
+            assert idx.is_unique            # builds the engine's hash table
+            return idx
+        dt, P = timed(pbuild)
+        times.append(dt)
+    B.add_batch("insert", PD_BUILD, times, K.n, "no duplicate handling")
+    return P
 
-    env = None
-    if lmdb is not None:
-        progress("LMDB: preparing items")
-        vals = np.empty((n, 2), np.int64)
-        vals[:, 0] = ts
-        vals[:, 1] = NOT_SET
-        vb = vals.tobytes()
-        items = [(k, vb[16 * i:16 * i + 16]) for i, k in enumerate(ins_b)]
-        env = res.new_lmdb()
-        db = env.open_db()
-        times = []
-        for rep in range(BATCH_REPS):
-            progress(f"LMDB putmulti #{rep + 1}")
-            if rep:
-                with env.begin(write=True) as txn:
-                    txn.drop(db, delete=False)
 
-            def lput() -> tuple[int, int]:
-                with env.begin(write=True) as txn:
-                    return txn.cursor().putmulti(items, dupdata=False, overwrite=False)
-            dt, (consumed, added) = timed(lput)
-            assert added == n, (consumed, added)
-            times.append(dt)
-        B.add_batch(sec, LMDB_PUT, times, n, "keys/values pre-encoded (not timed)")
-        del items
-    progress_done()
+def insert_lmdb(K: Keys, res: Resources, B: Bench) -> Any:
+    """putmulti in one write transaction; returns the environment (None without lmdb)."""
+    if lmdb is None:
+        return None
+    n = K.n
+    progress("LMDB: preparing items")
+    vals = np.empty((n, 2), np.int64)
+    vals[:, 0] = K.ts
+    vals[:, 1] = NOT_SET
+    vb = vals.tobytes()
+    items = [(k, vb[16 * i:16 * i + 16]) for i, k in enumerate(K.ins_b)]
+    env = res.new_lmdb()
+    db = env.open_db()
+    times = []
+    for rep in range(BATCH_REPS):
+        progress(f"LMDB putmulti #{rep + 1}")
+        if rep:
+            with env.begin(write=True) as txn:
+                txn.drop(db, delete=False)
 
-    # ---- batch lookup -----------------------------------------------------------
-    sec = "lookup"
-    for label, keys in ((GML, look), (GMS, look_s)):
+        def lput() -> tuple[int, int]:
+            with env.begin(write=True) as txn:
+                return txn.cursor().putmulti(items, dupdata=False, overwrite=False)
+        dt, (consumed, added) = timed(lput)
+        assert added == n, (consumed, added)
+        times.append(dt)
+    B.add_batch("insert", LMDB_PUT, times, n, "keys/values pre-encoded (not timed)")
+    return env
+
+
+# ---- batch lookup of N keys, half of them absent, in every structure built above
+
+def lookup_all(K: Keys, T: Any, D: dict, P: Any, env: Any, B: Bench) -> None:
+    """get_many (list and S64), dict get, pandas get_indexer, LMDB getmulti; results checked."""
+    sec, n, n_hit = "lookup", K.n, K.n_hit
+    for label, keys in ((GML, K.look), (GMS, K.look_s)):
         times, rounds = [], []
         for rep in range(BATCH_REPS):
             progress(f"{label} #{rep + 1}")
             dt, r = timed(lambda: T.get_many(keys))
-            assert np.array_equal(r.found, expect_found), "get_many: wrong found mask"
+            assert np.array_equal(r.found, K.expect_found), "get_many: wrong found mask"
             times.append(dt)
             rounds.append(T.last_rounds)
         B.add_batch(sec, label, times, n, "lock-free", rounds)
@@ -481,14 +520,14 @@ def run(n: int, seed: int, res: Resources, B: Bench) -> None:
     get = D.get
     for rep in range(BATCH_REPS):
         progress(f"dict get #{rep + 1}")
-        dt, r = timed(lambda: [get(k) for k in look])
+        dt, r = timed(lambda: [get(k) for k in K.look])
         assert sum(x is not None for x in r) == n_hit
         times.append(dt)
     B.add_batch(sec, DICT_GET, times, n)
 
     if P is not None:
-        look_idx = pd.Index(look, dtype=object)
-        for label, target in ((PD_GET_L, look), (PD_GET_I, look_idx)):
+        look_idx = pd.Index(K.look, dtype=object)
+        for label, target in ((PD_GET_L, K.look), (PD_GET_I, look_idx)):
             times = []
             for rep in range(BATCH_REPS):
                 progress(f"{label} #{rep + 1}")
@@ -505,20 +544,18 @@ def run(n: int, seed: int, res: Resources, B: Bench) -> None:
 
             def lget() -> list:
                 with env.begin() as txn:
-                    return txn.cursor().getmulti(look_b, dupdata=False)
+                    return txn.cursor().getmulti(K.look_b, dupdata=False)
             dt, r = timed(lget)
             assert len(r) == n_hit
             times.append(dt)
         B.add_batch(sec, LMDB_GET, times, n, "keys pre-encoded; returns found pairs only")
     progress_done()
 
-    # ---- single operations --------------------------------------------------------
-    runs: dict[str, list[float]] = {}
 
-    def per_op(label: str, fn: Callable[[list], Any], keys: list) -> None:
-        dt, _ = timed(lambda: fn(keys))
-        runs.setdefault(label, []).append(dt / len(keys) * 1e9)
+# ---- single operations, ns/op: one call per event, the way a proxy worker records calls
 
+def single_op_loops(T: Any, D: dict, env: Any) -> dict[str, Callable[[list], None]]:
+    """One loop per (contender, operation), each calling the operation once per key."""
     def noop(k: Any, ts: Any = None) -> None:
         return None
 
@@ -585,37 +622,57 @@ def run(n: int, seed: int, res: Resources, B: Bench) -> None:
             with begin() as txn:
                 txn.get(k)
 
+    return {"loop_call": loop_call, "np_start": np_start, "np_stop": np_stop, "np_get": np_get,
+            "d_start": d_start, "d_stop": d_stop, "d_get": d_get,
+            "l_put": l_put, "l_stop": l_stop, "l_get": l_get}
+
+
+def single_ops(K: Keys, T: Any, D: dict, env: Any, seed: int, B: Bench) -> int:
+    """SINGLE_RUNS runs of fresh keys, each undone afterwards (load back to 0.5);
+    medians in ``B.single``.  Returns the number of operations per run."""
+    n = K.n
+    m_single = max(1, min(SINGLE_OPS_MAX, n // 10))
+    runs: dict[str, list[float]] = {}
+    f = single_op_loops(T, D, env)
+
+    def per_op(label: str, fn: Callable[[list], Any], keys: list) -> None:
+        dt, _ = timed(lambda: fn(keys))
+        runs.setdefault(label, []).append(dt / len(keys) * 1e9)
+
     srng = np.random.default_rng(seed + 2)
     for r in range(SINGLE_RUNS):
         progress(f"single ops, run {r + 1}/{SINGLE_RUNS}")
-        new = spare[r * m_single:(r + 1) * m_single]
-        hits = [ins[i].encode().decode()            # fresh objects, like a parsed message
+        new = K.spare[r * m_single:(r + 1) * m_single]
+        hits = [K.ins[i].encode().decode()            # fresh objects, like a parsed message
                 for i in srng.choice(n, size=len(new), replace=False).tolist()]
-        per_op("loop + call overhead (no-op function)", loop_call, new)
-        per_op("npcalls start (new key, writer lock)", np_start, new)
-        per_op("npcalls stop (end unset, writer lock)", np_stop, new)
-        per_op("npcalls get (hit)", np_get, hits)
+        per_op("loop + call overhead (no-op function)", f["loop_call"], new)
+        per_op("npcalls start (new key, writer lock)", f["np_start"], new)
+        per_op("npcalls stop (end unset, writer lock)", f["np_stop"], new)
+        per_op("npcalls get (hit)", f["np_get"], hits)
         T.remove_many(new)          # back to load 0.5 (not timed)
-        per_op("npcalls get (miss)", np_get, new)
-        per_op("dict start (if k not in d: insert)", d_start, new)
-        per_op("dict stop (get, check, set)", d_stop, new)
-        per_op("dict get (hit)", d_get, hits)
+        per_op("npcalls get (miss)", f["np_get"], new)
+        per_op("dict start (if k not in d: insert)", f["d_start"], new)
+        per_op("dict stop (get, check, set)", f["d_stop"], new)
+        per_op("dict get (hit)", f["d_get"], hits)
         for k in new:
             del D[k]
         if env is not None:
             new_b = [k.encode() for k in new]
             hits_b = [k.encode() for k in hits]
-            per_op("LMDB put (new key, own write txn)", l_put, new_b)
-            per_op("LMDB stop (get+put, own write txn)", l_stop, new_b)
-            per_op("LMDB get (hit, own read txn)", l_get, hits_b)
+            per_op("LMDB put (new key, own write txn)", f["l_put"], new_b)
+            per_op("LMDB stop (get+put, own write txn)", f["l_stop"], new_b)
+            per_op("LMDB get (hit, own read txn)", f["l_get"], hits_b)
             with env.begin(write=True) as txn:
                 for k in new_b:
                     txn.delete(k)
     progress_done()
     for label, v in runs.items():
         B.single[label] = {"ns_median": statistics.median(v), "ns_all": v, "ops_per_run": m_single}
+    return m_single
 
-    st_end = T.stats()
+
+def record_table_info(st_after_insert: Any, st_end: Any, env: Any, m_single: int, B: Bench) -> None:
+    """The table's shape after the insert and after the single ops; LMDB's size."""
     B.info["table"] = {
         "capacity": st_after_insert.capacity, "count": st_after_insert.count,
         "load_factor": st_after_insert.load_factor, "bytes_per_slot": st_after_insert.bytes_per_slot,
@@ -629,7 +686,19 @@ def run(n: int, seed: int, res: Resources, B: Bench) -> None:
         info = env.info()
         B.info["lmdb_bytes"] = (info["last_pgno"] + 1) * env.stat()["psize"]
     B.info["m_single"] = m_single
-    del D, P
+
+
+def run(n: int, seed: int, res: Resources, B: Bench) -> None:
+    """The whole benchmark, in this order: keys, batch inserts, batch lookups, single ops."""
+    K = make_keys(n, seed, B)
+    T, st_after_insert = insert_npcalls(K, res, B)
+    D = insert_dicts(K, B)
+    P = insert_pandas(K, B)
+    env = insert_lmdb(K, res, B)
+    progress_done()
+    lookup_all(K, T, D, P, env, B)
+    m_single = single_ops(K, T, D, env, seed, B)
+    record_table_info(st_after_insert, T.stats(), env, m_single, B)
 
 
 # ---------------------------------------------------------------------- report
@@ -662,7 +731,6 @@ def report(B: Bench, n: int, elapsed: float) -> dict[str, Any]:
                 f"{a:>9} {b:>9}  {runs}")
         say()
 
-    k = B.info["keys"]
     say("=" * 100)
     say(f"npcalls core benchmark: {n:,} keys, load factor {tbl['load_factor']:.2f} "
         f"(capacity {tbl['capacity']:,}), 50% misses in lookups")
@@ -676,9 +744,9 @@ def report(B: Bench, n: int, elapsed: float) -> dict[str, Any]:
         f"pre-faulted by stats());")
     say(f"        single ops = median of {SINGLE_RUNS} runs x {B.info['m_single']:,} ops, "
         f"Python loop included; cyclic GC off while timing")
-    say(f"        ratios = npcalls keys/s / peer keys/s (list: npcalls fed a list of str; "
-        f"S64: a numpy S64 array)")
-    say(f"        LMDB: writemap, no sync, env on /dev/shm; pandas: object-dtype Index")
+    say("        ratios = npcalls keys/s / peer keys/s (list: npcalls fed a list of str; "
+        "S64: a numpy S64 array)")
+    say("        LMDB: writemap, no sync, env on /dev/shm; pandas: object-dtype Index")
     say()
     batch_table(f"BATCH INSERT of {n:,} new keys (first start wins)", ins, NPL, NPS)
     cold = B.info["cold"]
@@ -686,8 +754,8 @@ def report(B: Bench, n: int, elapsed: float) -> dict[str, Any]:
     say(f"  cold: the first start_many(list) of the process on a new table took {cold['start_many_list_s']:.3f} s"
         f" ({n / cold['start_many_list_s'] / 1e6:.2f} M keys/s, {cold['start_many_list_s'] / warm_list:.1f}x"
         f" the warm best);")
-    say(f"        the table's pages and numpy's temporaries touched for the first time (slow on this VM;"
-        f" paid once).")
+    say("        the table's pages and numpy's temporaries touched for the first time (slow on this VM;"
+        " paid once).")
     say(f"        create() of the {tbl['file_bytes'] / 2**20:.0f} MiB table itself: "
         f"{cold['create_s'] * 1e3:.0f} ms")
     say()

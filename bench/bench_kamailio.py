@@ -62,7 +62,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 _spec = importlib.util.spec_from_file_location("npcalls_kamailio_harness",
-                                               REPO / "tests" / "kamailio" / "harness.py")
+                                               REPO / "tests" / "helpers" / "kamailio_harness.py")
 harness = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = harness
 _spec.loader.exec_module(harness)

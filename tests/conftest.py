@@ -98,3 +98,11 @@ def make_table(name):
 def table(make_table) -> npcalls.CallTable:
     """A fresh writable table: 1024 slots, key_width 64."""
     return make_table()
+
+
+@pytest.fixture
+def tname(name):
+    """A table name (see ``name``) whose table is unlinked after the test, for code that
+    creates the table itself (the Kamailio helpers)."""
+    yield name
+    npcalls.CallTable.unlink(name)

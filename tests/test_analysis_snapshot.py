@@ -8,6 +8,7 @@ while this process (or another one) takes snapshots in a loop.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import numpy as np
 
 import npcalls
 from npcalls import NOT_SET
+
+from helpers import REPO_DIR
 
 BASE = 1_795_668_428 * 10**9
 
@@ -54,46 +57,19 @@ while time.monotonic() < stop_at:
 print(n)
 """
 
-LATENCY_WRITER = r"""
-import collections, json, sys, time, numpy as np, npcalls
-name, dur = sys.argv[1], float(sys.argv[2])
-t = npcalls.CallTable.open(name)
-lat = np.empty(2_000_000, np.int64)
-clock = time.perf_counter_ns
-live = collections.deque()
-i = n = 0
-stop_at = time.monotonic() + dur
-while time.monotonic() < stop_at and n < len(lat) - 4:
-    k = f"lat-{i}"
-    i += 1
-    a = clock(); t.start(k); b = clock(); lat[n] = b - a; n += 1
-    live.append(k)
-    if len(live) > 2000:
-        k = live.popleft()
-        a = clock(); t.stop(k); b = clock(); lat[n] = b - a; n += 1
-        a = clock(); t.remove(k); b = clock(); lat[n] = b - a; n += 1
-lat = lat[:n]
-print(json.dumps({"n": n, "p50_us": float(np.percentile(lat, 50)) / 1e3,
-                  "p99_us": float(np.percentile(lat, 99)) / 1e3,
-                  "p999_us": float(np.percentile(lat, 99.9)) / 1e3,
-                  "max_us": float(lat.max()) / 1e3, "ops_per_s": n / dur}))
-"""
-
-SNAPSHOT_LOOP = r"""
-import json, sys, time, npcalls
-name, dur = sys.argv[1], float(sys.argv[2])
-t = npcalls.CallTable.open(name, readonly=True)
-times = []
-stop_at = time.monotonic() + dur
-while time.monotonic() < stop_at:
-    a = time.perf_counter(); s = t.snapshot(); times.append(time.perf_counter() - a)
-print(json.dumps({"snapshots": len(times), "mean_ms": 1e3 * sum(times) / len(times),
-                  "rows": len(s)}))
-"""
+# The latency writer and the snapshot loop are the analysis benchmark's own
+# processes: one file, run as a program by both (see its docstring).
+PROCS = os.path.join(REPO_DIR, "bench", "analysis_procs.py")
 
 
 def spawn(code, *args):
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def spawn_proc(proc, *args):
+    """``proc`` of bench/analysis_procs.py (``writer`` or ``snapshot-loop``) as a program."""
+    return subprocess.Popen([sys.executable, PROCS, proc, *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -146,10 +122,10 @@ def test_snapshots_during_writes_have_no_torn_rows_and_miss_no_stable_key(tdir):
 
 
 def _latency(name, dur, with_snapshots):
-    reader = spawn(SNAPSHOT_LOOP, name, dur + 0.5) if with_snapshots else None
+    reader = spawn_proc("snapshot-loop", name, dur + 0.5) if with_snapshots else None
     if reader is not None:
         time.sleep(0.3)             # the loop is running before the writer starts
-    w = spawn(LATENCY_WRITER, name, dur)
+    w = spawn_proc("writer", name, 0, dur)
     lat = json.loads(finish(w))
     snap = json.loads(finish(reader)) if reader is not None else None
     return lat, snap

@@ -30,7 +30,7 @@ from npcalls import CallTable, NpcallsError
 from npcalls.layout import STATE_LIVE, STATE_RETIRED, W
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, "attack_workers.py")
+WORKER = os.path.join(HERE, "helpers", "attack_workers.py")
 OWNER, MEMBER, GROUP = 4101, 4102, 4200
 
 

@@ -1,6 +1,6 @@
 """P4 (docs/properties.md): a writer SIGKILLed at any instant leaves a table the next writer uses at once.
 
-See tests/crashlib.py for the harness.  The default run kills 200+ writers;
+See tests/helpers/crashlib.py for the harness.  The default run kills 200+ writers;
 ``pytest -m stress`` runs 10,000 (about 15 minutes).
 """
 
@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from crashlib import run_kills, sweep
 
 from npcalls import CallTable
+
+from helpers.crashlib import run_kills, sweep
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ class Worker:
         self.start()
 
     def start(self) -> None:
-        self.p = subprocess.Popen([sys.executable, os.path.join(HERE, "hostile_worker.py")],
+        self.p = subprocess.Popen([sys.executable, os.path.join(HERE, "helpers", "hostile_worker.py")],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(self, path: str, ops: bool = False) -> dict:

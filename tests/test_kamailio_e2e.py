@@ -19,24 +19,15 @@ it is not skipped.
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "npcalls_kamailio_harness", Path(__file__).parent / "kamailio" / "harness.py")
-harness = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = harness
-_spec.loader.exec_module(harness)
+from helpers import kamailio_harness as harness
+from helpers.kamailio_tests import check_table, new_table_dir, read_table, require_programs
 
 CALLS = 2400            # calls placed
 RATE = 250              # calls/s asked of sipp (the test requires >= MIN_RATE achieved)
@@ -66,27 +57,11 @@ class Run:
     acc: object
 
 
-_READER = r"""
-import json, os, sys
-import npcalls
-t = npcalls.CallTable.open(sys.argv[1], readonly=True)
-snap = t.snapshot()
-rows = {k.decode(): [int(s), int(e)] for k, s, e in snap[["key", "start", "end"]].tolist()}
-json.dump({"pid": os.getpid(), "len": len(t), "rows": rows}, sys.stdout)
-"""
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Run:
-    missing = harness.missing_programs()
-    if missing:
-        pytest.fail("the Kamailio end-to-end test needs " + ", ".join(missing)
-                    + ": run scripts/install-system-deps.sh as root (make test does)",
-                    pytrace=False)
+    require_programs()
     wd = tmp_path_factory.mktemp("kamailio-e2e")
-    # The table lives where tables live, in /dev/shm: in this run's own
-    # directory there (conftest's $NPCALLS_DIR, removed when the run ends).
-    tables = Path(tempfile.mkdtemp(prefix="kamailio-e2e-", dir=os.environ["NPCALLS_DIR"]))
+    tables = new_table_dir("kamailio-e2e-")
     stack = harness.Stack(wd, workers=WORKERS, trace=True, table="e2e-calls", table_dir=tables)
     try:
         stack.start()
@@ -97,12 +72,8 @@ def run(tmp_path_factory) -> Run:
         # The proxy is still running: attach from another process.
         path = str(stack.table_path)
         env = stack.env()
-        r = subprocess.run([sys.executable, "-c", _READER, path], env=env,
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, f"reader process failed:\n{r.stderr}"
-        got = json.loads(r.stdout)
-        chk = subprocess.run([sys.executable, "-m", "npcalls", "check", path], env=env,
-                             capture_output=True, text=True, timeout=60)
+        got = read_table(path, env)
+        check_rc, check_out = check_table(path, env)
         # Let the acc lines of the last BYEs reach the log, then stop Kamailio
         # so that its log is complete.
         deadline = time.monotonic() + 5
@@ -112,9 +83,9 @@ def run(tmp_path_factory) -> Run:
     finally:
         stack.close()
     log = stack.log()
-    yield Run(stack=stack, uac=uac, rows={k: tuple(v) for k, v in got["rows"].items()},
-              table_len=got["len"], reader_pid=got["pid"], check_rc=chk.returncode,
-              check_out=chk.stdout + chk.stderr, workers=workers, log=log,
+    yield Run(stack=stack, uac=uac, rows=got["rows"],
+              table_len=got["len"], reader_pid=got["pid"], check_rc=check_rc,
+              check_out=check_out, workers=workers, log=log,
               acc=harness.parse_kamailio_log(log))
     stack.close()
 

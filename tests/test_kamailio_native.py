@@ -17,49 +17,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_kamailio_unit import FakeKSR, monitor  # noqa: F401  (fixtures below reuse them)
 
 import npcalls.kamailio as nk
 from npcalls import NOT_SET, CallTable
 from npcalls.kamailio import CallMonitor, KamailioScript, read_settings, script_from_environ
 
-_HOLD = r"""
-import sys, time
-import npcalls
-t = npcalls.CallTable.open(sys.argv[1])
-with t.locked():
-    print("held", flush=True)
-    sys.stdin.readline()            # hold until the test writes a line (or closes stdin)
-print("released", flush=True)
-"""
-
-
-class Holder:
-    """A separate process holding the table's writer lock until release()."""
-
-    def __init__(self, path: str) -> None:
-        self.p = subprocess.Popen([sys.executable, "-c", _HOLD, path], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
-        line = self.p.stdout.readline()
-        assert line.strip() == "held", line
-
-    def release(self) -> None:
-        if self.p.poll() is None:
-            self.p.stdin.write("go\n")
-            self.p.stdin.flush()
-            assert self.p.stdout.readline().strip() == "released"
-            self.p.wait(20)
-
-    def close(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait(20)
-
-
-@pytest.fixture
-def tname(name):
-    yield name
-    CallTable.unlink(name)
+from helpers.kamailio_tests import FakeKSR, Holder, lock_held_by_a_thread, monitor, raw_fork, wait_child
 
 
 @pytest.fixture
@@ -380,52 +343,29 @@ def test_a_bad_deferred_event_does_not_take_the_others_with_it(tname, holder):
 def test_raw_fork_with_an_inherited_held_thread_lock_defers_then_writes(tname):
     """fork(2) from C while a parent thread holds the writer lock: the child neither
     deadlocks on the inherited thread lock nor waits past the limit."""
-    import ctypes
-    import threading
     m, _ = monitor(tname, lock_timeout=0.05)
     m.table
     other = CallTable.open(tname)
-    holding, release = threading.Event(), threading.Event()
-
-    def hold():
-        with other.locked():
-            holding.set()
-            release.wait(10)
-
-    th = threading.Thread(target=hold)
-    th.start()
-    holding.wait(5)
-    r, w = os.pipe()
-    pid = ctypes.PyDLL(None).fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(w)
-            t0 = time.monotonic()
-            ok = m.start_monitoring(call_id="raw-bounded") is False and m.pending == 1
-            ok &= time.monotonic() - t0 < 5
-            os.read(r, 1)                                 # the parent released its lock
-            ok &= m.start_monitoring(call_id="raw-bounded-2") is True and m.pending == 0
-            code = 0 if ok else 1
-        finally:
-            os._exit(code)
-    os.close(r)
-    time.sleep(0.3)
-    release.set()
-    th.join()
+    with lock_held_by_a_thread(other):
+        r, w = os.pipe()
+        pid = raw_fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(w)
+                t0 = time.monotonic()
+                ok = m.start_monitoring(call_id="raw-bounded") is False and m.pending == 1
+                ok &= time.monotonic() - t0 < 5
+                os.read(r, 1)                                 # the parent released its lock
+                ok &= m.start_monitoring(call_id="raw-bounded-2") is True and m.pending == 0
+                code = 0 if ok else 1
+            finally:
+                os._exit(code)
+        os.close(r)
+        time.sleep(0.3)
     os.write(w, b"x")
     os.close(w)
-    deadline = time.monotonic() + 20
-    status = None
-    while time.monotonic() < deadline:
-        done, st = os.waitpid(pid, os.WNOHANG)
-        if done:
-            status = os.waitstatus_to_exitcode(st)
-            break
-        time.sleep(0.02)
-    if status is None:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
+    status = wait_child(pid, 20)
     other.close()
     assert status == 0, "the raw-forked child deadlocked or misbehaved"
     t = CallTable.open(tname, readonly=True)

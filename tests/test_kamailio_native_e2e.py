@@ -19,26 +19,17 @@ silent calls: their end (the dialog timeout).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "npcalls_kamailio_harness", Path(__file__).parent / "kamailio" / "harness.py")
-harness = sys.modules.get(_spec.name)
-if harness is None:
-    harness = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = harness
-    _spec.loader.exec_module(harness)
+from helpers import kamailio_harness as harness
+from helpers.kamailio_tests import check_table, new_table_dir, read_table, require_programs
 
 CALLS = 2000            # calls placed by the main UAC
 RATE = 250              # calls/s asked of sipp (>= MIN_RATE must be achieved)
@@ -71,15 +62,6 @@ while time.monotonic() < deadline:
 json.dump({"pid": os.getpid(), "samples": samples}, sys.stdout)
 """
 
-_READER = r"""
-import json, os, sys
-import npcalls
-t = npcalls.CallTable.open(sys.argv[1], readonly=True)
-snap = t.snapshot()
-rows = {k.decode(): [int(s), int(e)] for k, s, e in snap[["key", "start", "end"]].tolist()}
-json.dump({"pid": os.getpid(), "len": len(t), "rows": rows}, sys.stdout)
-"""
-
 
 @dataclass
 class Run:
@@ -101,14 +83,10 @@ class Run:
 
 @pytest.fixture(scope="module", params=["native", "native-dialog"])
 def run(request, tmp_path_factory) -> Run:
-    missing = harness.missing_programs()
-    if missing:
-        pytest.fail("the Kamailio end-to-end test needs " + ", ".join(missing)
-                    + ": run scripts/install-system-deps.sh as root (make test does)",
-                    pytrace=False)
+    require_programs()
     config = request.param
     wd = tmp_path_factory.mktemp(f"kamailio-{config}")
-    tables = Path(tempfile.mkdtemp(prefix=f"kamailio-{config}-", dir=os.environ["NPCALLS_DIR"]))
+    tables = new_table_dir(f"kamailio-{config}-")
     stack = harness.Stack(wd, workers=WORKERS, trace=True, table="native-calls", table_dir=tables,
                           config=config, dlg_timeout=DLG_TIMEOUT)
     watcher = None
@@ -135,12 +113,8 @@ def run(request, tmp_path_factory) -> Run:
         deadline = silent_done + DLG_TIMEOUT + 4
         while time.time() < deadline:
             time.sleep(0.2)
-        r = subprocess.run([sys.executable, "-c", _READER, path], env=env,
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, f"reader process failed:\n{r.stderr}"
-        got = json.loads(r.stdout)
-        chk = subprocess.run([sys.executable, "-m", "npcalls", "check", path], env=env,
-                             capture_output=True, text=True, timeout=60)
+        got = read_table(path, env)
+        check_rc, check_out = check_table(path, env)
     finally:
         if watcher is not None and watcher.poll() is None:
             watcher.kill()
@@ -148,9 +122,9 @@ def run(request, tmp_path_factory) -> Run:
         stack.close()
     log = stack.log()
     yield Run(config=config, stack=stack, uac=uac, silent=silent, silent_done=silent_done,
-              rows={k: tuple(v) for k, v in got["rows"].items()}, table_len=got["len"],
-              reader_pid=got["pid"], watch=watch, check_rc=chk.returncode,
-              check_out=chk.stdout + chk.stderr, workers=workers, log=log,
+              rows=got["rows"], table_len=got["len"],
+              reader_pid=got["pid"], watch=watch, check_rc=check_rc,
+              check_out=check_out, workers=workers, log=log,
               acc=harness.parse_kamailio_log(log))
     stack.close()
 

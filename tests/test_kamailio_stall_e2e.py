@@ -17,27 +17,17 @@ a warning (not an error) and no ERROR line appears.
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
 import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "npcalls_kamailio_harness", Path(__file__).parent / "kamailio" / "harness.py")
-harness = sys.modules.get(_spec.name)
-if harness is None:
-    harness = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = harness
-    _spec.loader.exec_module(harness)
+from helpers import kamailio_harness as harness
+from helpers.kamailio_tests import new_table_dir, read_table, require_programs
 
 # Half the rate of the other end-to-end tests: this one measures latency, and on
 # a 2-core machine shared with other work the KEMI proxy at 200+ calls/s can
@@ -64,15 +54,6 @@ with t.locked():
     print("released", time.time(), flush=True)
 """
 
-_READER = r"""
-import json, sys
-import npcalls
-t = npcalls.CallTable.open(sys.argv[1], readonly=True)
-snap = t.snapshot()
-print(json.dumps({k.decode(): [int(s), int(e)] for k, s, e in snap[["key", "start", "end"]].tolist()}))
-"""
-
-
 @dataclass
 class Run:
     config: str
@@ -86,14 +67,10 @@ class Run:
 
 @pytest.fixture(scope="module", params=["kemi", "native", "native-dialog"])
 def run(request, tmp_path_factory) -> Run:
-    missing = harness.missing_programs()
-    if missing:
-        pytest.fail("the Kamailio end-to-end test needs " + ", ".join(missing)
-                    + ": run scripts/install-system-deps.sh as root (make test does)",
-                    pytrace=False)
+    require_programs()
     config = request.param
     wd = tmp_path_factory.mktemp(f"kamailio-stall-{config}")
-    tables = Path(tempfile.mkdtemp(prefix=f"kamailio-stall-{config}-", dir=os.environ["NPCALLS_DIR"]))
+    tables = new_table_dir(f"kamailio-stall-{config}-")
     stack = harness.Stack(wd, workers=WORKERS, table="stall-calls", table_dir=tables,
                           config=config, lock_wait_ms=WAIT_MS)
     holder = None
@@ -109,16 +86,14 @@ def run(request, tmp_path_factory) -> Run:
         assert holder.returncode == 0, err
         lines = dict(ln.split() for ln in out.splitlines())
         time.sleep(1.0)         # let the last BYEs through
-        r = subprocess.run([sys.executable, "-c", _READER, path], env=env,
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
+        rows = read_table(path, env)["rows"]
     finally:
         if holder is not None and holder.poll() is None:
             holder.kill()
             holder.wait(10)
         stack.close()
     yield Run(config=config, uac=uac, held=float(lines["held"]), released=float(lines["released"]),
-              holder_pid=holder.pid, rows={k: tuple(v) for k, v in json.loads(r.stdout).items()},
+              holder_pid=holder.pid, rows=rows,
               log=stack.log())
 
 

@@ -9,11 +9,9 @@ routing decisions of examples/kamailio/npcalls_routing.py.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import os
 import sys
-import threading
 import time
 import types
 import uuid
@@ -25,41 +23,10 @@ import npcalls.kamailio as nk
 from npcalls import NOT_SET, CallTable
 from npcalls.kamailio import CallMonitor
 
+from helpers.kamailio_tests import FakeKSR, in_child, lock_held_by_a_thread, monitor, raw_fork, wait_child
+
 REPO = Path(__file__).resolve().parent.parent
 ROUTING_SCRIPT = REPO / "examples" / "kamailio" / "npcalls_routing.py"
-
-
-class FakeKSR:
-    """The parts of Kamailio's KSR module the helper uses: pv.get and the log functions."""
-
-    def __init__(self, call_id: str | None = None) -> None:
-        self.vars: dict[str, object] = {"$ci": call_id}
-        self.lines: list[tuple[str, str]] = []
-        self.pv = types.SimpleNamespace(get=self.vars.get)
-
-    def err(self, text: str) -> None:
-        self.lines.append(("err", text))
-
-    def warn(self, text: str) -> None:
-        self.lines.append(("warn", text))
-
-    def info(self, text: str) -> None:
-        self.lines.append(("info", text))
-
-    def level(self, lvl: str) -> list[str]:
-        return [t for l, t in self.lines if l == lvl]
-
-
-@pytest.fixture
-def tname(name):
-    """A table name that is unlinked after the test."""
-    yield name
-    CallTable.unlink(name)
-
-
-def monitor(tname: str, call_id: str | None = None, **kw) -> tuple[CallMonitor, FakeKSR]:
-    ksr = FakeKSR(call_id)
-    return CallMonitor(tname, capacity=kw.pop("capacity", 1024), ksr=ksr, **kw), ksr
 
 
 # ---------------------------------------------------------------- basics
@@ -261,36 +228,13 @@ def test_removed_table_is_logged(tname):
 # ---------------------------------------------------------------- fork safety
 
 
-def _in_child(fn) -> int:
-    """Run fn() in an os.fork()ed child; return its exit status (0: fn returned True)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = 0 if fn() else 1
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
-
-
-def _wait(pid: int, timeout: float) -> int | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    return None
-
-
 def test_forked_workers_write_one_table(tname):
     """Kamailio's model: built in the parent (table opened), used by forked workers."""
-    m, _ = monitor(tname, capacity=8192, trace=False)
+    # lock_timeout=None: this test is about forks; with the default bounded wait
+    # (50 ms), a worker descheduled while holding the lock on a loaded machine
+    # makes another defer its event (start_monitoring False), which the bounded-wait
+    # tests of test_kamailio_native.py cover on purpose.
+    m, _ = monitor(tname, capacity=8192, trace=False, lock_timeout=None)
     inherited = m.table
     r, w = os.pipe()
     per_child = 300
@@ -308,9 +252,9 @@ def test_forked_workers_write_one_table(tname):
         os.write(w, b"1" if won else b"0")
         return ok and m.stats["started"] == per_child + won
 
-    pids = [_in_child(lambda rank=rank: worker(rank)) for rank in range(1, 5)]
+    pids = [in_child(lambda rank=rank: worker(rank)) for rank in range(1, 5)]
     os.close(w)
-    codes = [_wait(p, 60) for p in pids]
+    codes = [wait_child(p, 60) for p in pids]
     wins = b""
     while chunk := os.read(r, 64):
         wins += chunk
@@ -330,28 +274,12 @@ def test_forked_workers_write_one_table(tname):
 def test_fork_while_a_parent_thread_holds_the_writer_lock(tname):
     """The child waits for the parent's POSIX lock, then writes (os.fork: hooks run)."""
     m, _ = monitor(tname, lock_timeout=None)            # waits as long as it takes
-    holding, release = threading.Event(), threading.Event()
-
-    def hold():
-        with m.table.locked():
-            holding.set()
-            release.wait(10)
-
-    th = threading.Thread(target=hold)
-    th.start()
-    holding.wait(5)
-    pid = _in_child(lambda: m.start_monitoring(call_id="after-parent-lock"))
-    time.sleep(0.2)
-    assert m.table.get("after-parent-lock") is None       # the child is waiting for the lock
-    release.set()
-    th.join()
-    assert _wait(pid, 20) == 0
+    with lock_held_by_a_thread(m.table):
+        pid = in_child(lambda: m.start_monitoring(call_id="after-parent-lock"))
+        time.sleep(0.2)
+        assert m.table.get("after-parent-lock") is None   # the child is waiting for the lock
+    assert wait_child(pid, 20) == 0
     assert m.table.get("after-parent-lock") is not None
-
-
-def _raw_fork() -> int:
-    """fork(2) from C, holding the GIL, without Python's at-fork handlers."""
-    return ctypes.PyDLL(None).fork()
 
 
 def test_raw_fork_without_python_fork_handlers(tname):
@@ -365,27 +293,16 @@ def test_raw_fork_without_python_fork_handlers(tname):
     """
     m, _ = monitor(tname, lock_timeout=None)
     other = CallTable.open(tname)
-    holding, release = threading.Event(), threading.Event()
-
-    def hold():
-        with other.locked():
-            holding.set()
-            release.wait(10)
-
-    th = threading.Thread(target=hold)
-    th.start()
-    holding.wait(5)
-    pid = _raw_fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = 0 if m.start_monitoring(call_id="raw-fork-child") else 1
-        finally:
-            os._exit(code)
-    time.sleep(0.2)
-    release.set()
-    th.join()
-    status = _wait(pid, 20)
+    with lock_held_by_a_thread(other):
+        pid = raw_fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if m.start_monitoring(call_id="raw-fork-child") else 1
+            finally:
+                os._exit(code)
+        time.sleep(0.2)
+    status = wait_child(pid, 20)
     other.close()
     assert status == 0, "the raw-forked child could not write (deadlock or error)"
     assert m.table.get("raw-fork-child") is not None

@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 
-import lifecycle_workers as lw
 import numpy as np
 import pytest
 
 from npcalls import NOT_SET, CallTable, TableFullError
 from npcalls.simulate import churn
+
+from helpers import lifecycle_workers as lw
 
 
 @pytest.fixture

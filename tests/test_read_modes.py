@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 
-import helpers_mp as H
 import numpy as np
 import pytest
 
@@ -38,6 +37,8 @@ from test_overversioned_rows import crafted, test_readers_answer_from_overversio
 
 import npcalls
 from npcalls import NOT_SET, CallTable, NpcallsError
+
+from helpers import mp_workers as H
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -144,7 +144,7 @@ def _context():
     if _CTX is None:
         import multiprocessing as mp
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["numpy", "npcalls", "crashlib"])
+        _CTX.set_forkserver_preload(["numpy", "npcalls", "helpers.crashlib"])
     return _CTX
 
 

@@ -1,5 +1,5 @@
-"""Run the example Kamailio proxy and sipp on 127.0.0.1: shared by the end-to-end test
-and bench/bench_kamailio.py.
+"""Run the example Kamailio proxy and sipp on 127.0.0.1: shared by the end-to-end tests
+and bench/bench_kamailio.py (which loads this file by path; it imports nothing of tests/).
 
 Everything runs in one work directory (Kamailio's runtime dir, logs, sipp's
 files, the npcalls table via $NPCALLS_DIR).  Every process is started in its
@@ -22,8 +22,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "kamailio"      # tests/kamailio: sipp scenarios
+REPO = SCENARIO_DIR.parent.parent
 EXAMPLE = REPO / "examples" / "kamailio"
 KAMAILIO_CFG = EXAMPLE / "kamailio.cfg"
 ROUTING_SCRIPT = EXAMPLE / "npcalls_routing.py"
@@ -32,10 +32,10 @@ NATIVE_SCRIPT = REPO / "npcalls" / "kamailio_script" / "npcalls_native.py"
 # Stack(config=...): the KEMI example, or the native example with BYE/reply-route
 # recording or with dialog event_route recording.
 CONFIGS = ("kemi", "native", "native-dialog")
-UAC_XML = HERE / "uac.xml"
-UAC_SILENT_XML = HERE / "uac_silent.xml"
-UAS_ANSWER_XML = HERE / "uas_answer.xml"
-UAS_BUSY_XML = HERE / "uas_busy.xml"
+UAC_XML = SCENARIO_DIR / "uac.xml"
+UAC_SILENT_XML = SCENARIO_DIR / "uac_silent.xml"
+UAS_ANSWER_XML = SCENARIO_DIR / "uas_answer.xml"
+UAS_BUSY_XML = SCENARIO_DIR / "uas_busy.xml"
 
 HOST = "127.0.0.1"
 

@@ -1,4 +1,4 @@
-"""Child processes for tests/test_attacks.py: ``python attack_workers.py FUNC JSON-ARGS``.
+"""Child processes for tests/test_attacks.py: ``python tests/helpers/attack_workers.py FUNC JSON-ARGS``.
 
 Each function runs in a process of its own (possibly as another user), prints
 one JSON line with its result on stdout and exits 0; an npcalls error is
