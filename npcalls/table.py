@@ -35,7 +35,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import numpy as np
 import xxhash
 
-from . import maintenance, probe, protocol
+from . import batching, maintenance, probe, protocol
 from .batching import group_sorted
 from .crashpoints import crashpoint
 from .errors import (
@@ -47,7 +47,7 @@ from .errors import (
     TableNotFoundError,
 )
 from .hashing import tags_of
-from .keys import encode_key, encode_keys
+from .keys import EncodedKeys, encode_key, encode_keys
 from .layout import (
     DEFAULT_MAX_LOAD,
     DURATION_BOUNDS_NS,
@@ -1066,7 +1066,12 @@ class CallTable:
                 want: str, allow_unset: bool = False) -> tuple[np.ndarray, np.ndarray]:
         _check_errors_arg(errors)
         lock = self._writable_lock()
-        fields, keyq, tag, enc = self._encode_batch(keys)
+        batch = batching.as_batch(keys)
+        if len(batch) > batching.SLICE:
+            # bounded memory: see npcalls.batching.run_in_slices
+            return self._record_sliced(batch, keys, start_ts, end_ts, insert, errors, want,
+                                       allow_unset)
+        fields, keyq, tag, enc = self._encode_batch(batch)
         n = len(fields)
         sv = _times(start_ts, n, allow_unset or want == "end")
         ev = _times(end_ts, n, allow_unset or want == "start")
@@ -1081,6 +1086,48 @@ class CallTable:
                 lock.release()
         self._raise_bad(enc, keys, (started if want == "start" else ended if want == "end"
                                     else (started, ended)), errors)
+        return started, ended
+
+    def _record_sliced(self, batch: Any, keys: Any, start_ts: Any, end_ts: Any, insert: bool,
+                       errors: str, want: str, allow_unset: bool) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_record` of a large batch, slice by slice under one hold of the lock.
+
+        All timestamps are validated first (nothing is written if one is bad).
+        Slicing is skipped when the table might not hold every key of the
+        batch (and cannot grow): a batch that would overfill the table must
+        change nothing, which only the whole batch's lookup can tell.
+        """
+        n = len(batch)
+        sv = _times(start_ts, n, allow_unset or want == "end")
+        ev = _times(end_ts, n, allow_unset or want == "start")
+        started = np.zeros(n, bool)
+        ended = np.zeros(n, bool)
+        rounds = [0]
+
+        def step(a: int, b: int) -> tuple[np.ndarray, list]:
+            _, keyq, tag, enc = self._encode_batch(batch[a:b])
+            valid = _valid_index(b - a, enc.bad)
+            if valid is None or len(valid):
+                self._record_locked(valid, keyq, tag, None if sv is None else sv[a:b],
+                                    None if ev is None else ev[a:b], insert, started[a:b],
+                                    ended[a:b])
+                rounds.append(self.last_rounds)
+            return enc.bad, enc.reasons
+
+        lock = self._writable_lock()
+        lock.acquire()
+        try:
+            m, _ = self._begin_locked()
+            g = self._g
+            size = (batching.SLICE if g.auto_grow or int(m.q[_W_COUNT]) + n <= g.limit
+                    else n)
+            bad, reasons = batching.run_in_slices(n, size, step)
+        finally:
+            lock.release()
+        self.last_rounds = max(rounds)
+        self._raise_bad(EncodedKeys(np.empty(0, "S8"), bad, reasons), keys,
+                        (started if want == "start" else ended if want == "end"
+                         else (started, ended)), errors)
         return started, ended
 
     def _record_locked(self, idx: np.ndarray | None, keyq: np.ndarray, tag: np.ndarray,
