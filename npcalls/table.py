@@ -953,7 +953,10 @@ class CallTable:
             ``keys``; start/end are NOT_SET where not found or not recorded.
         """
         _check_errors_arg(errors)
-        fields, keyq, tag, enc = self._encode_batch(keys)
+        batch = batching.as_batch(keys)
+        if len(batch) > batching.SLICE:
+            return self._get_many_sliced(batch, keys, errors)     # bounded memory
+        fields, keyq, tag, enc = self._encode_batch(batch)
         valid = _valid_index(len(fields), enc.bad)
         if valid is None:
             f = self._lookup_read(tag, keyq)
@@ -968,6 +971,34 @@ class CallTable:
             res = GetManyResult(start, end, found)
         self.last_rounds = f.rounds
         self._raise_bad(enc, keys, res, errors)
+        return res
+
+    def _get_many_sliced(self, batch: Any, keys: Any, errors: str) -> GetManyResult:
+        """:meth:`get_many` of a large batch, slice by slice (npcalls.batching.run_in_slices)."""
+        n = len(batch)
+        start = np.full(n, NOT_SET, np.int64)
+        end = np.full(n, NOT_SET, np.int64)
+        found = np.zeros(n, bool)
+        rounds = [0]
+
+        def step(a: int, b: int) -> tuple[np.ndarray, list]:
+            _, keyq, tag, enc = self._encode_batch(batch[a:b])
+            valid = _valid_index(b - a, enc.bad)
+            if valid is None:
+                f = self._lookup_read(tag, keyq)
+                start[a:b], end[a:b], found[a:b] = f.start, f.end, f.slot >= 0
+                rounds.append(f.rounds)
+            elif len(valid):
+                f = self._lookup_read(tag[valid], keyq[valid])
+                at = valid + a
+                start[at], end[at], found[at] = f.start, f.end, f.slot >= 0
+                rounds.append(f.rounds)
+            return enc.bad, enc.reasons
+
+        bad, reasons = batching.run_in_slices(n, batching.SLICE, step)
+        res = GetManyResult(start, end, found)
+        self.last_rounds = max(rounds)
+        self._raise_bad(EncodedKeys(np.empty(0, "S8"), bad, reasons), keys, res, errors)
         return res
 
     def contains_many(self, keys: Sequence[str | bytes] | np.ndarray, *,

@@ -127,3 +127,24 @@ def test_the_temporaries_of_a_batch_do_not_grow_with_the_batch(monkeypatch, tabl
     # unsliced, the same batch keeps a few hundred bytes per key alive
     monkeypatch.setattr(batching, "SLICE", 1 << 30)
     assert _peak_of_start_many(160_000, table_dir) > 3 * large
+
+
+@pytest.mark.parametrize("form", ["list", "U", "iter"])
+def test_sliced_get_many_equals_the_whole_lookup(make_table, monkeypatch, form):
+    t = make_table(1024)
+    t.record_many([f"k{i}@h" for i in range(0, 300, 2)], 5, [NOT_SET, 9] * 75)
+    keys = [f"k{i}@h" for i in range(300)]
+    keys[5], keys[250] = "", "é" * 40               # bad: empty; 80 UTF-8 bytes > 64
+    whole = t.get_many(keys, errors="ignore")
+    monkeypatch.setattr(batching, "SLICE", 16)
+    arg = {"list": keys, "U": np.array(keys), "iter": iter(keys)}[form]
+    with pytest.raises(BatchKeyError) as ei:
+        t.get_many(arg)
+    e = ei.value
+    assert e.positions.tolist() == [5, 250]
+    sliced = e.result
+    for a, b in zip(whole, sliced):
+        assert np.array_equal(a, b)
+    assert sliced.found.sum() == 149 and not sliced.found[250]
+    assert t.contains_many(keys[:5] + keys[6:250]).tolist() == [i % 2 == 0 for i in
+                                                                   list(range(5)) + list(range(6, 250))]
