@@ -284,7 +284,13 @@ def enter(lf: LockFile) -> None:
     lf.rlock.acquire()
     if lf.depth == 0:
         try:
-            _lock_ex(lf)
+            # _lock_ex's first attempt inlined: one Python call less per write
+            try:
+                _lockf(lf.fd, _LOCK_EX_NB)
+            except OSError as e:
+                if e.errno not in _BUSY:
+                    raise
+                _lock_ex(lf)
         except BaseException:
             lf.rlock.release()
             raise
