@@ -1238,7 +1238,24 @@ class CallTable:
         """Remove many calls; bool per key, True where this call removed it."""
         _check_errors_arg(errors)
         lock = self._writable_lock()
-        fields, keyq, tag, enc = self._encode_batch(keys)
+        batch = batching.as_batch(keys)
+        if len(batch) > batching.SLICE:
+            # bounded memory: slices of at most SLICE keys, under one hold of the lock
+            removed = np.zeros(len(batch), bool)
+
+            def step(a: int, b: int) -> tuple[np.ndarray, list]:
+                try:
+                    removed[a:b] = self.remove_many(batch[a:b])
+                    return np.empty(0, np.intp), []
+                except BatchKeyError as e:
+                    removed[a:b] = e.result
+                    return e.positions, e.reasons
+
+            with lock:
+                bad, reasons = batching.run_in_slices(len(batch), batching.SLICE, step)
+            self._raise_bad(EncodedKeys(np.empty(0, "S8"), bad, reasons), keys, removed, errors)
+            return removed
+        fields, keyq, tag, enc = self._encode_batch(batch)
         n = len(fields)
         removed = np.zeros(n, bool)
         valid = _valid_index(n, enc.bad)

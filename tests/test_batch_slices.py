@@ -148,3 +148,18 @@ def test_sliced_get_many_equals_the_whole_lookup(make_table, monkeypatch, form):
     assert sliced.found.sum() == 149 and not sliced.found[250]
     assert t.contains_many(keys[:5] + keys[6:250]).tolist() == [i % 2 == 0 for i in
                                                                    list(range(5)) + list(range(6, 250))]
+
+
+def test_sliced_remove_many_equals_the_single_removes(make_table, monkeypatch):
+    keys = [f"r{i % 40}@h" for i in range(100)]       # every key removed once, then absent
+    keys[33], keys[71] = "", "x" * 65
+    sliced, ref = make_table(256), make_table(256)
+    for t in (sliced, ref):
+        t.start_many([f"r{i}@h" for i in range(0, 40, 3)], 1)
+    want = [k not in ("", "x" * 65) and ref.remove(k) for k in keys]
+    monkeypatch.setattr(batching, "SLICE", 9)
+    with pytest.raises(BatchKeyError) as ei:
+        sliced.remove_many(keys)
+    assert ei.value.positions.tolist() == [33, 71]
+    assert ei.value.result.tolist() == want
+    assert rows(sliced) == rows(ref) == {}
