@@ -8,7 +8,8 @@ Runs, each against its peer in the same run:
   ``start()`` / ``get()`` vs LMDB;
 * a first batch in a fresh process, table creation included, vs a dict build
   in a fresh process;
-* two writer processes doing single ``start()`` calls vs two LMDB writers;
+* two writer processes doing single ``start()`` calls vs two LMDB writers
+  (median of 3 alternating runs; one single-writer run of each for scale);
 * ``bench_ingest.py`` (its JSON): acc-log ingest through ``npcalls ingest``
   on the generated log and on the replayed real Kamailio lines, ``--jobs 2``
   vs ``--jobs 1``, CSV CDRs;
@@ -20,6 +21,7 @@ Usage::
     .venv/bin/python bench/targets.py              # 1M keys / lines
     .venv/bin/python bench/targets.py --quick      # smoke run (100k)
     .venv/bin/python bench/targets.py --rss-keys 10000000
+    .venv/bin/python bench/targets.py --only writers,rss   # some parts only
 """
 
 from __future__ import annotations
@@ -171,28 +173,47 @@ _RSS = """
 """
 
 
-def two_writers(n_ops: int, work: str) -> tuple[float, float]:
-    """Ops/s of two writer processes: npcalls single start() vs LMDB put in own txn."""
+def _writers(kind: str, where: str, n_ops: int, nw: int) -> float:
+    """Ops/s of ``nw`` writer processes started together, each doing ``n_ops`` single writes."""
+    go = time.time() + 1.5                           # all start together
+    ps = [subprocess.Popen([PY, "-c", textwrap.dedent(_WRITER), kind, where, str(w),
+                            str(n_ops), str(go)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+          for w in range(nw)]
+    outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in ps]
+    if any(p.returncode for p in ps):
+        raise RuntimeError(f"a {kind} writer failed")
+    return nw * n_ops / max(o["seconds"] for o in outs)
+
+
+def two_writers(n_ops: int, work: str, rounds: int = 3) -> tuple[float, float, dict]:
+    """Ops/s of two writer processes: npcalls single start() vs LMDB put in own txn.
+
+    ``rounds`` alternating runs of each, each on a new table / environment;
+    the medians are returned, with every run and one single-writer run of
+    each (how far two writers scale) in the dict.
+    """
+    import statistics
+
     import npcalls
-    name = f"targets-w-{os.getpid()}"
-    t = npcalls.CallTable.create(name, capacity=4 * n_ops, key_width=64)
-    t.close()
-    rates = []
-    try:
-        for kind, where in (("npcalls", name), ("lmdb", os.path.join(work, "lmdb"))):
-            if kind == "lmdb":
-                os.makedirs(where, exist_ok=True)
-            go = time.time() + 1.5                       # both start together
-            ps = [subprocess.Popen([PY, "-c", textwrap.dedent(_WRITER), kind, where, str(w),
-                                    str(n_ops), str(go)], stdout=subprocess.PIPE, text=True,
-                                   cwd=ROOT) for w in range(2)]
-            outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in ps]
-            if any(p.returncode for p in ps):
-                raise RuntimeError(f"a {kind} writer failed")
-            rates.append(2 * n_ops / max(o["seconds"] for o in outs))
-    finally:
-        npcalls.CallTable.unlink(name)
-    return rates[0], rates[1]
+    runs: dict[str, list[float]] = {"npcalls": [], "lmdb": [], "npcalls 1 writer": [],
+                                    "lmdb 1 writer": []}
+    for r in range(rounds + 1):
+        nw = 2 if r < rounds else 1
+        suffix = "" if nw == 2 else " 1 writer"
+        name = f"targets-w-{os.getpid()}-{r}"
+        t = npcalls.CallTable.create(name, capacity=4 * n_ops, key_width=64)
+        t.close()
+        try:
+            runs["npcalls" + suffix].append(_writers("npcalls", name, n_ops, nw))
+        finally:
+            npcalls.CallTable.unlink(name)
+        where = os.path.join(work, f"lmdb-{r}")
+        os.makedirs(where)
+        runs["lmdb" + suffix].append(_writers("lmdb", where, n_ops, nw))
+    return (statistics.median(runs["npcalls"]), statistics.median(runs["lmdb"]), runs)
+
+
+_PARTS = ("core", "first", "writers", "ingest", "rss")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="keys of the peak-RSS run (10M: peak about 6.2 GB, ~45 s here)")
     ap.add_argument("--writer-ops", type=int, default=50_000, help="single starts per writer")
     ap.add_argument("--show", action="store_true", help="also print the scripts' own reports")
+    ap.add_argument("--only", default=",".join(_PARTS),
+                    help=f"comma-separated parts to run (default all: {','.join(_PARTS)})")
     a = ap.parse_args(argv)
+    parts = set(a.only.split(","))
+    if parts - set(_PARTS):
+        ap.error(f"--only: unknown part(s) {', '.join(sorted(parts - set(_PARTS)))}")
     if a.quick:
         a.n, a.lines, a.rss_keys, a.writer_ops = 100_000, 100_000, 1_000_000, 10_000
     quick = ["--quick"] if a.quick else []
@@ -213,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     load0 = os.getloadavg()
     try:
-        print("bench_core ...", flush=True)
-        core = _run_json("bench_core.py", quick or ["--n", str(a.n)], not a.show)
+        if "core" in parts:
+            print("bench_core ...", flush=True)
+            core = _run_json("bench_core.py", quick or ["--n", str(a.n)], not a.show)
+        else:
+            core = {"batch": {"insert": {}, "lookup": {}}, "single": {}}
         ins, look, single = core["batch"]["insert"], core["batch"]["lookup"], core["single"]
 
         def r(sec: dict, label: str) -> float | None:
@@ -224,39 +253,50 @@ def main(argv: list[str] | None = None) -> int:
             return x / y if x and y else None
 
         dict_loop = r(ins, "dict: loop, if k not in d: d[k]=[t,NOT_SET]")
-        print("first batch in a fresh process ...", flush=True)
-        kf = os.path.join(work, "keys.txt")
-        _py(_KEYS, str(a.n), kf)
-        firsts = [_py(_FIRST_TABLE, kf, f"targets-first-{os.getpid()}-{i}")
-                  for i in range(1 if a.quick else 3)]
-        dicts = [_py(_FIRST_DICT, kf) for _ in range(1 if a.quick else 3)]
-        ft = min(x["total"] for x in firsts)
-        fd = min(x["total"] for x in dicts)
-        rows.append((f"first start_many of {a.n:,} new keys, fresh process, create included "
-                     f">= 1.5x dict build", div(fd, ft), ">=", 1.5, "x"))
-        rows.append(("later start_many(list) batches >= 2x dict build (same semantics)",
-                     div(r(ins, "npcalls start_many(list of str)"), dict_loop), ">=", 2, "x"))
-        rows.append(("get_many(list) >= 1.8x pandas get_indexer(list, object Index)",
-                     div(r(look, "npcalls get_many(list of str)"),
-                         r(look, "pandas get_indexer(list of str)")), ">=", 1.8, "x"))
-        s = {k: v["ns_median"] for k, v in single.items()}
-        rows.append(("get() <= LMDB get (ratio of times)",
-                     div(s.get("npcalls get (hit)"), s.get("LMDB get (hit, own read txn)")),
-                     "<=", 1.0, "x"))
-        rows.append(("start() <= 0.6x LMDB put in own txn (ratio of times)",
-                     div(s.get("npcalls start (new key, writer lock)"),
-                         s.get("LMDB put (new key, own write txn)")), "<=", 0.6, "x"))
-        print("two writer processes ...", flush=True)
-        try:
-            w_np, w_lm = two_writers(a.writer_ops, work)
-            rows.append(("two writers: npcalls start() >= 2x LMDB put", w_np / w_lm, ">=", 2, "x"))
-        except ImportError:
-            w_np = w_lm = None
-            rows.append(("two writers: npcalls start() >= 2x LMDB put", None, ">=", 2, "x"))
+        ft = fd = None
+        if "first" in parts:
+            print("first batch in a fresh process ...", flush=True)
+            kf = os.path.join(work, "keys.txt")
+            _py(_KEYS, str(a.n), kf)
+            firsts = [_py(_FIRST_TABLE, kf, f"targets-first-{os.getpid()}-{i}")
+                      for i in range(1 if a.quick else 3)]
+            dicts = [_py(_FIRST_DICT, kf) for _ in range(1 if a.quick else 3)]
+            ft = min(x["total"] for x in firsts)
+            fd = min(x["total"] for x in dicts)
+            rows.append((f"first start_many of {a.n:,} new keys, fresh process, create included "
+                         f">= 1.5x dict build", div(fd, ft), ">=", 1.5, "x"))
+        if "core" in parts:
+            rows.append(("later start_many(list) batches >= 2x dict build (same semantics)",
+                         div(r(ins, "npcalls start_many(list of str)"), dict_loop), ">=", 2, "x"))
+            rows.append(("get_many(list) >= 1.8x pandas get_indexer(list, object Index)",
+                         div(r(look, "npcalls get_many(list of str)"),
+                             r(look, "pandas get_indexer(list of str)")), ">=", 1.8, "x"))
+            s = {k: v["ns_median"] for k, v in single.items()}
+            rows.append(("get() <= LMDB get (ratio of times)",
+                         div(s.get("npcalls get (hit)"), s.get("LMDB get (hit, own read txn)")),
+                         "<=", 1.0, "x"))
+            rows.append(("start() <= 0.6x LMDB put in own txn (ratio of times)",
+                         div(s.get("npcalls start (new key, writer lock)"),
+                             s.get("LMDB put (new key, own write txn)")), "<=", 0.6, "x"))
+        w_np = w_lm = None
+        if "writers" in parts:
+            print("two writer processes ...", flush=True)
+            try:
+                w_np, w_lm, w_runs = two_writers(a.writer_ops, work)
+                print("  ops/s, each run: " + "; ".join(
+                    f"{k} " + " ".join(f"{v:,.0f}" for v in vs) for k, vs in w_runs.items()),
+                    flush=True)
+            except ImportError:                 # no py-lmdb: the row says the peer is missing
+                pass
+            rows.append(("two writers: npcalls start() >= 2x LMDB put", div(w_np, w_lm),
+                         ">=", 2, "x"))
 
-        print("bench_ingest ...", flush=True)
-        ing = _run_json("bench_ingest.py", quick or ["--lines", str(a.lines), "--repeat", "2"],
-                        not a.show)
+        if "ingest" in parts:
+            print("bench_ingest ...", flush=True)
+            ing = _run_json("bench_ingest.py", quick or ["--lines", str(a.lines), "--repeat", "2"],
+                            not a.show)
+        else:
+            ing = {"acc": {}}
         for label, v in ing["acc"].items():
             rows.append((f"acc ingest CLI --jobs 1, {label} >= 1M lines/s",
                          v["cli_jobs1_lines_per_s"] / 1e6, ">=", 1.0, "M/s"))
@@ -265,15 +305,17 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"acc ingest --jobs 2 vs --jobs 1, {label} >= 1.7x",
                          v["jobs2_speedup"], ">=", 1.7, "x"))
         for k, label in (("csv_iso", "ISO times"), ("csv_ns", "epoch ns")):
-            rows.append((f"CSV CDRs ({label}) end to end >= 2M rows/s",
-                         ing[k]["rows_per_s"] / 1e6, ">=", 2.0, "M/s"))
+            if k in ing:
+                rows.append((f"CSV CDRs ({label}) end to end >= 2M rows/s",
+                             ing[k]["rows_per_s"] / 1e6, ">=", 2.0, "M/s"))
 
-        print(f"peak RSS of start_many({a.rss_keys:,} keys) ...", flush=True)
-        m = _py(_RSS, str(a.rss_keys), f"targets-rss-{os.getpid()}")
-        extra = (m["peak"] - m["base"] if m["reset"] else m["peak"] - m["keys_rss"]
-                 - m["table_bytes"])
-        rows.append((f"peak RSS of start_many({a.rss_keys:,}) beyond keys + table <= 512 MB",
-                     extra / 2**20, "<=", 512, "MB"))
+        if "rss" in parts:
+            print(f"peak RSS of start_many({a.rss_keys:,} keys) ...", flush=True)
+            m = _py(_RSS, str(a.rss_keys), f"targets-rss-{os.getpid()}")
+            extra = (m["peak"] - m["base"] if m["reset"] else m["peak"] - m["keys_rss"]
+                     - m["table_bytes"])
+            rows.append((f"peak RSS of start_many({a.rss_keys:,}) beyond keys + table <= 512 MB",
+                         extra / 2**20, "<=", 512, "MB"))
     finally:
         import shutil
         shutil.rmtree(work, ignore_errors=True)
@@ -289,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         ok = v >= limit if op == ">=" else v <= limit
         val = f"{v:.2f}{unit}" if unit == "x" else f"{v:.2f} {unit}"
         print(f"  {'PASS' if ok else 'MISS':5} {what:78} {val:>11}  ({op} {limit:g})")
-    print(f"  info  first batch: table {ft:.2f} s (create "
-          f"{min(x['create'] for x in firsts):.2f} s) vs dict {fd:.2f} s; two writers: npcalls "
+    print("  info  first batch: " + (f"table {ft:.2f} s (create "
+          f"{min(x['create'] for x in firsts):.2f} s) vs dict {fd:.2f} s" if ft else "n/a")
+          + "; two writers (median): npcalls "
           + (f"{w_np:,.0f} ops/s, LMDB {w_lm:,.0f} ops/s" if w_np else "n/a"))
     return 0
 

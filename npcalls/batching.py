@@ -10,17 +10,25 @@ and which turns the table accesses of the batch into one forward sweep.  The
 sort is an LSD radix sort of two stable 16-bit passes (numpy radix-sorts
 16-bit keys in linear time), about 3x faster than a comparison sort of the
 64-bit tags.  Being stable, it keeps the occurrences of one key in batch order.
+
+Large batches are cut into slices of :data:`SLICE` keys, each encoded,
+hashed, grouped and written on its own (:func:`run_in_slices`), so a batch's
+temporaries (the fixed-width key fields, tags, sort permutations, probe
+results: a few hundred bytes per key) are bounded by the slice, not by the
+batch.  A batch is exactly the single operations in order, and so is a run
+of consecutive slices of it: a Call-ID repeated across a slice boundary is
+found by the later slice exactly as a later single call would find it.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from .probe import rows_equal
 
-__all__ = ["bucket_order", "Groups", "group_sorted"]
+__all__ = ["bucket_order", "Groups", "group_sorted", "SLICE", "as_batch", "run_in_slices"]
 
 _U = np.uint64
 
@@ -104,3 +112,46 @@ def _regroup_mixed_runs(order: np.ndarray, tag: np.ndarray, keyq: np.ndarray,
         keyed.sort()
         order[lo:hi] = [p for _, _, p in keyed]
     return order
+
+
+SLICE = 1 << 18
+"""Keys per slice of a large write batch: ~100 MB of temporaries at most, while the
+per-slice overhead (a few numpy calls per probe round) stays well under 1%."""
+
+
+def as_batch(keys: Any) -> Any:
+    """``keys`` as a sliceable sequence with a length, without copying lists or arrays.
+
+    Lists, tuples and 1-d arrays are kept (an n-d array is flattened, as the
+    key encoder does); any other iterable is read into a list once.  A single
+    ``str``/``bytes`` is refused here, with the encoder's message.
+    """
+    if isinstance(keys, np.ndarray):
+        return keys if keys.ndim == 1 else keys.reshape(-1)
+    if isinstance(keys, (str, bytes)):
+        raise TypeError("keys must be a sequence of Call-IDs, not a single "
+                        f"{type(keys).__name__} (use start()/stop()/get() for one key)")
+    if isinstance(keys, (list, tuple)):
+        return keys
+    return list(keys)
+
+
+def run_in_slices(n: int, size: int,
+                  step: Callable[[int, int], tuple[np.ndarray, list]]) -> tuple[np.ndarray, list]:
+    """Run ``step(a, b)`` over consecutive slices ``a:b`` of a batch of ``n`` keys, in order.
+
+    ``step`` encodes and writes one slice and returns its refused keys'
+    positions (relative to ``a``) and reasons.  Returns the refused positions
+    in the whole batch (ascending) and their reasons, for one
+    :class:`~npcalls.errors.BatchKeyError` at the end, as an unsliced batch
+    would raise.
+    """
+    bad: list[np.ndarray] = []
+    reasons: list[str] = []
+    for a in range(0, n, size):
+        b = min(a + size, n)
+        sbad, sreasons = step(a, b)
+        if len(sbad):
+            bad.append(np.asarray(sbad, np.intp) + a)
+            reasons.extend(sreasons)
+    return (np.concatenate(bad) if bad else np.empty(0, np.intp)), reasons

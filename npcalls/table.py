@@ -35,7 +35,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import numpy as np
 import xxhash
 
-from . import maintenance, probe, protocol
+from . import batching, maintenance, probe, protocol
 from .batching import group_sorted
 from .crashpoints import crashpoint
 from .errors import (
@@ -47,7 +47,7 @@ from .errors import (
     TableNotFoundError,
 )
 from .hashing import tags_of
-from .keys import encode_key, encode_keys
+from .keys import EncodedKeys, encode_key, encode_keys
 from .layout import (
     DEFAULT_MAX_LOAD,
     DURATION_BOUNDS_NS,
@@ -953,7 +953,10 @@ class CallTable:
             ``keys``; start/end are NOT_SET where not found or not recorded.
         """
         _check_errors_arg(errors)
-        fields, keyq, tag, enc = self._encode_batch(keys)
+        batch = batching.as_batch(keys)
+        if len(batch) > batching.SLICE:
+            return self._get_many_sliced(batch, keys, errors)     # bounded memory
+        fields, keyq, tag, enc = self._encode_batch(batch)
         valid = _valid_index(len(fields), enc.bad)
         if valid is None:
             f = self._lookup_read(tag, keyq)
@@ -968,6 +971,34 @@ class CallTable:
             res = GetManyResult(start, end, found)
         self.last_rounds = f.rounds
         self._raise_bad(enc, keys, res, errors)
+        return res
+
+    def _get_many_sliced(self, batch: Any, keys: Any, errors: str) -> GetManyResult:
+        """:meth:`get_many` of a large batch, slice by slice (npcalls.batching.run_in_slices)."""
+        n = len(batch)
+        start = np.full(n, NOT_SET, np.int64)
+        end = np.full(n, NOT_SET, np.int64)
+        found = np.zeros(n, bool)
+        rounds = [0]
+
+        def step(a: int, b: int) -> tuple[np.ndarray, list]:
+            _, keyq, tag, enc = self._encode_batch(batch[a:b])
+            valid = _valid_index(b - a, enc.bad)
+            if valid is None:
+                f = self._lookup_read(tag, keyq)
+                start[a:b], end[a:b], found[a:b] = f.start, f.end, f.slot >= 0
+                rounds.append(f.rounds)
+            elif len(valid):
+                f = self._lookup_read(tag[valid], keyq[valid])
+                at = valid + a
+                start[at], end[at], found[at] = f.start, f.end, f.slot >= 0
+                rounds.append(f.rounds)
+            return enc.bad, enc.reasons
+
+        bad, reasons = batching.run_in_slices(n, batching.SLICE, step)
+        res = GetManyResult(start, end, found)
+        self.last_rounds = max(rounds)
+        self._raise_bad(EncodedKeys(np.empty(0, "S8"), bad, reasons), keys, res, errors)
         return res
 
     def contains_many(self, keys: Sequence[str | bytes] | np.ndarray, *,
@@ -1066,7 +1097,12 @@ class CallTable:
                 want: str, allow_unset: bool = False) -> tuple[np.ndarray, np.ndarray]:
         _check_errors_arg(errors)
         lock = self._writable_lock()
-        fields, keyq, tag, enc = self._encode_batch(keys)
+        batch = batching.as_batch(keys)
+        if len(batch) > batching.SLICE:
+            # bounded memory: see npcalls.batching.run_in_slices
+            return self._record_sliced(batch, keys, start_ts, end_ts, insert, errors, want,
+                                       allow_unset)
+        fields, keyq, tag, enc = self._encode_batch(batch)
         n = len(fields)
         sv = _times(start_ts, n, allow_unset or want == "end")
         ev = _times(end_ts, n, allow_unset or want == "start")
@@ -1081,6 +1117,48 @@ class CallTable:
                 lock.release()
         self._raise_bad(enc, keys, (started if want == "start" else ended if want == "end"
                                     else (started, ended)), errors)
+        return started, ended
+
+    def _record_sliced(self, batch: Any, keys: Any, start_ts: Any, end_ts: Any, insert: bool,
+                       errors: str, want: str, allow_unset: bool) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_record` of a large batch, slice by slice under one hold of the lock.
+
+        All timestamps are validated first (nothing is written if one is bad).
+        Slicing is skipped when the table might not hold every key of the
+        batch (and cannot grow): a batch that would overfill the table must
+        change nothing, which only the whole batch's lookup can tell.
+        """
+        n = len(batch)
+        sv = _times(start_ts, n, allow_unset or want == "end")
+        ev = _times(end_ts, n, allow_unset or want == "start")
+        started = np.zeros(n, bool)
+        ended = np.zeros(n, bool)
+        rounds = [0]
+
+        def step(a: int, b: int) -> tuple[np.ndarray, list]:
+            _, keyq, tag, enc = self._encode_batch(batch[a:b])
+            valid = _valid_index(b - a, enc.bad)
+            if valid is None or len(valid):
+                self._record_locked(valid, keyq, tag, None if sv is None else sv[a:b],
+                                    None if ev is None else ev[a:b], insert, started[a:b],
+                                    ended[a:b])
+                rounds.append(self.last_rounds)
+            return enc.bad, enc.reasons
+
+        lock = self._writable_lock()
+        lock.acquire()
+        try:
+            m, _ = self._begin_locked()
+            g = self._g
+            size = (batching.SLICE if g.auto_grow or int(m.q[_W_COUNT]) + n <= g.limit
+                    else n)
+            bad, reasons = batching.run_in_slices(n, size, step)
+        finally:
+            lock.release()
+        self.last_rounds = max(rounds)
+        self._raise_bad(EncodedKeys(np.empty(0, "S8"), bad, reasons), keys,
+                        (started if want == "start" else ended if want == "end"
+                         else (started, ended)), errors)
         return started, ended
 
     def _record_locked(self, idx: np.ndarray | None, keyq: np.ndarray, tag: np.ndarray,
@@ -1160,7 +1238,24 @@ class CallTable:
         """Remove many calls; bool per key, True where this call removed it."""
         _check_errors_arg(errors)
         lock = self._writable_lock()
-        fields, keyq, tag, enc = self._encode_batch(keys)
+        batch = batching.as_batch(keys)
+        if len(batch) > batching.SLICE:
+            # bounded memory: slices of at most SLICE keys, under one hold of the lock
+            removed = np.zeros(len(batch), bool)
+
+            def step(a: int, b: int) -> tuple[np.ndarray, list]:
+                try:
+                    removed[a:b] = self.remove_many(batch[a:b])
+                    return np.empty(0, np.intp), []
+                except BatchKeyError as e:
+                    removed[a:b] = e.result
+                    return e.positions, e.reasons
+
+            with lock:
+                bad, reasons = batching.run_in_slices(len(batch), batching.SLICE, step)
+            self._raise_bad(EncodedKeys(np.empty(0, "S8"), bad, reasons), keys, removed, errors)
+            return removed
+        fields, keyq, tag, enc = self._encode_batch(batch)
         n = len(fields)
         removed = np.zeros(n, bool)
         valid = _valid_index(n, enc.bad)
