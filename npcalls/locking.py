@@ -238,6 +238,15 @@ def _watch() -> None:
                 "or very slow?); still waiting", os.getpid(), now - e[1], lf.path, who)
 
 
+def _at_path(lf: LockFile) -> bool:
+    """True if ``lf``'s open file is still the one its path names."""
+    try:
+        st = os.lstat(lf.path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (lf.dev, lf.ino)
+
+
 SPIN_TRIES = 12
 """Non-blocking retries (each after a ``sched_yield``) before a writer sleeps in the kernel."""
 
@@ -412,7 +421,14 @@ class WriterLock:
         while True:
             try:
                 fcntl.lockf(lf.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
+                # A bounded wait must not end in settle()'s blocking move: a
+                # lock taken on a file that is no longer at the lock path
+                # (removed or replaced) excludes nobody, so move now, without
+                # blocking, and keep polling the file every writer now takes.
+                if _at_path(lf):
+                    return
+                WriterLock._move(lf, block=False)
+                continue
             except OSError as e:
                 if e.errno not in _BUSY:
                     raise
@@ -452,12 +468,7 @@ class WriterLock:
         """
         lf = self._lf
         while q[word] != lf.ino:
-            try:
-                st = os.lstat(lf.path)
-                here = (st.st_dev, st.st_ino) == (lf.dev, lf.ino)
-            except FileNotFoundError:
-                here = False
-            if not here:
+            if not _at_path(lf):
                 self._move(lf)
                 continue
             old = int(q[word])
@@ -469,15 +480,16 @@ class WriterLock:
                     os.close(fd)
 
     @staticmethod
-    def _move(lf: LockFile) -> None:
-        """Swap our (stale) lock file for the one at the path, and lock that."""
+    def _move(lf: LockFile, block: bool = True) -> None:
+        """Swap our (stale) lock file for the one at the path, and lock that if ``block``."""
         fd, _ = open_lock_file(lf.path, lf.mode, create=True, owner=lf.owner)
         old = lf.fd
         _lockf(old, _LOCK_UN)
         st = os.fstat(fd)
         lf.fd, lf.dev, lf.ino = fd, st.st_dev, st.st_ino
         os.close(old)
-        _lock_ex(lf)
+        if block:
+            _lock_ex(lf)
 
     @property
     def held(self) -> bool:

@@ -158,11 +158,6 @@ def test_lock_file_replaced_while_a_kamailio_worker_waits_loses_nothing(name, cl
     _scenario(name, cli_env)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: after the lock file was replaced, CallMonitor's polling acquire(0) succeeds "
-    "at once on its stale descriptor (nobody locks the old file), then the table's settle() "
-    "moves to the new lock file with a blocking lock (locking.WriterLock._move), so the event "
-    "waits out the whole stall instead of lock_timeout; see /work/notes/issue-14-tests.md"))
 def test_lock_file_replaced_the_worker_still_waits_at_most_lock_timeout(name, cli_env):
     during = _scenario(name, cli_env)
     assert during["seconds"] < BOUND, (
