@@ -43,7 +43,6 @@ from .errors import (
     NpcallsError,
     ReadOnlyError,
     TableClosedError,
-    TableFullError,
     TableNotFoundError,
 )
 from .hashing import tags_of
@@ -608,31 +607,11 @@ class CallTable:
         protocol.publish_row(m, w, slot, field, tag, start, end)
 
     def _make_room_locked(self, m: Mapping, needed: int) -> tuple[Mapping, int]:
-        """Ensure ``needed`` more rows fit: compact or grow, or raise TableFullError."""
-        g = self._g
-        q = m.q
-        count, tomb = int(q[_W_COUNT]), int(q[_W_TOMB])
-        if count + needed > g.limit:
-            if not g.auto_grow:
-                raise TableFullError(count, needed, g.capacity, g.limit, self._path)
-            refusal = maintenance.rebuild_refusal(self._path, m)
-            if refusal:
-                raise NpcallsError(f"table {self._path} is full and cannot grow automatically: "
-                                   f"{refusal}")
-            new_cap = g.capacity
-            while (count + needed) > new_cap * g.max_load_ppm // 1_000_000:
-                new_cap *= 2
-            self._rebuild_locked(m, new_cap)
-        elif ((count + tomb + needed > (g.limit + g.capacity) // 2 or tomb > probe.tomb_limit(g))
-              and maintenance.rebuild_refusal(self._path, m) is None):
-            # Tombstones (only ever left in buckets that were once full) lengthen
-            # the walks of lookups for absent keys; rebuild before they matter.
-            # A writer that may not rebuild the file (another user's, see
-            # rebuild_refusal) leaves that to its owner and inserts into a free slot.
-            self._rebuild_locked(m, g.capacity)
-        else:
-            return m, int(q[_W_WSEQ])
-        m = self._m
+        """Ensure ``needed`` more rows fit (:func:`npcalls.maintenance.make_room`)."""
+        new = maintenance.make_room(self._path, m, needed)
+        if new is not None:
+            self._install(new)
+            m = new
         return m, int(m.q[_W_WSEQ])
 
     def _write_one(self, call_id: Any, ts: Any, col: int, insert: bool) -> bool:
@@ -1356,24 +1335,13 @@ class CallTable:
 
         Every attached process follows at its next operation.
         """
-        lock = self._writable_lock()
-        lock.acquire()
-        try:
-            m, w = self._begin_locked()
-            if capacity < int(m.q[_W_COUNT]) / self._g.max_load:
-                raise ValueError(f"capacity {capacity} cannot hold the {int(m.q[_W_COUNT])} calls "
-                                 f"present at max load {self._g.max_load}")
-            self._rebuild_locked(m, capacity)
-        finally:
-            lock.release()
+        with self._writable_lock():
+            m, _ = self._begin_locked()
+            self._install(maintenance.grow(self._path, m, capacity))
 
     def compact(self) -> None:
         """Rebuild at the same capacity, dropping every tombstone."""
         self.grow(self._live_mapping().geometry.capacity)
-
-    def _rebuild_locked(self, m: Mapping, capacity: int, rehash: bool = False) -> list[str]:
-        """Copy the live rows into a new file of ``capacity`` slots (see npcalls.maintenance)."""
-        return maintenance.rebuild_locked(self, m, capacity, rehash)
 
     # ------------------------------------------------------------------ expiry and checks
 
@@ -1403,31 +1371,12 @@ class CallTable:
             raise ValueError("expire needs ended_before and/or started_before")
         eb = None if ended_before is None else to_ns(ended_before)
         sb = None if started_before is None else to_ns(started_before)
-        lock = self._writable_lock()
-        with lock:
+        with self._writable_lock():
             m, w = self._begin_locked()
-            live = np.flatnonzero(m.tags >= 2)
-            st = m.rowq[live, 1].view(np.int64)
-            en = m.rowq[live, 2].view(np.int64)
-            mask = np.zeros(len(live), bool)
-            if eb is not None:
-                mask |= (en != NOT_SET) & (en < eb)
-            if sb is not None:
-                mask |= (en == NOT_SET) & (st != NOT_SET) & (st < sb)
-            slots = live[mask]
-            out = None
-            if return_rows:
-                out = np.empty(len(slots), snapshot_dtype(self._kw))
-                out["start"], out["end"] = st[mask], en[mask]
-                keys = np.ascontiguousarray(m.rowq[slots, 3:]).view(f"S{self._kf}")
-                out["key"] = keys.reshape(len(slots))
-            if len(slots):
-                self._remove_slots_locked(m, w, slots)
-                crashpoint("expire-removed")
-                if (int(m.q[_W_TOMB]) > probe.tomb_limit(self._g)
-                        and maintenance.rebuild_refusal(self._path, m) is None):
-                    self._rebuild_locked(m, self._g.capacity)
-        return out if out is not None else len(slots)
+            out, new = maintenance.expire(self._path, m, w, eb, sb, return_rows)
+            if new is not None:
+                self._install(new)
+        return out
 
     def check(self, repair: bool = False) -> CheckReport:
         """Verify the table's invariants; with ``repair``, fix what can be fixed.
@@ -1458,8 +1407,8 @@ class CallTable:
                 raise ReadOnlyError(f"table {self._path} was opened read-only; repair needs a "
                                     "writer")
             notes.append("read-only handle: checked without the writer lock")
-            return maintenance.check_locked(self, self._live_mapping(), notes, problems, repaired,
-                                            False)
+            return maintenance.check(self._path, self._live_mapping(), False, notes, problems,
+                                     repaired, False)[0]
         with lock:
             m = self._m
             state = int(m.q[_W_STATE])
@@ -1481,7 +1430,11 @@ class CallTable:
                 if repair:
                     protocol.renumber(m)
                     repaired.append("renumbered the writer sequence and row versions")
-            return maintenance.check_locked(self, m, notes, problems, repaired, repair)
+            report, new = maintenance.check(self._path, m, True, notes, problems, repaired,
+                                            repair)
+            if new is not None:
+                self._install(new)
+            return report
 
 
 
