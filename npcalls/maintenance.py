@@ -30,6 +30,7 @@ from .hashing import tags_of
 from .keys import encode_keys
 from .layout import (
     DURATION_WORDS,
+    MAX_CAPACITY,
     NOT_SET,
     STATE_LIVE,
     STATE_REMOVED,
@@ -348,6 +349,8 @@ def make_room(path: str, m: Mapping, needed: int) -> Mapping | None:
         new_cap = g.capacity
         while (count + needed) > new_cap * g.max_load_ppm // 1_000_000:
             new_cap *= 2
+        if new_cap > MAX_CAPACITY:          # as full as a table gets (or a corrupt count)
+            raise TableFullError(count, needed, g.capacity, g.limit, path)
         return rebuild(path, m, new_cap)[0]
     if ((count + tomb + needed > (g.limit + g.capacity) // 2 or tomb > probe.tomb_limit(g))
             and rebuild_refusal(path, m) is None):
