@@ -23,7 +23,6 @@ test ``tests/test_protocol.py`` checks that the two write the same bytes.
 from __future__ import annotations
 
 import functools
-import os
 import struct
 
 import numpy as np
@@ -31,7 +30,7 @@ import numpy as np
 from . import probe
 from .errors import FormatError, TableNotFoundError, TableRemovedError
 from .layout import STATE_LIVE, STATE_REMOVED, STATE_RETIRED, TOMBSTONE, W
-from .storage import Mapping, open_mapping, same_file, stale_temp_files
+from .storage import Mapping, open_mapping, same_file, sweep_temps
 
 __all__ = ["Operation", "open_op", "close_op", "publish_row", "set_field", "free_slot",
            "free_slots", "settle_sequence", "recover", "renumber", "follow", "WSEQ_WRAP"]
@@ -199,11 +198,7 @@ def recover(m: Mapping, path: str) -> None:
     tags = m.tags
     m.q[_W_COUNT] = int(np.count_nonzero(tags >= 2))
     m.q[_W_TOMB] = int(np.count_nonzero(tags == TOMBSTONE))
-    for p in stale_temp_files(path):
-        try:
-            os.unlink(p)
-        except OSError:
-            pass
+    sweep_temps(path)
     m.q[_W_NREC] += 1
     m.q[_W_WSEQ] = m.q[_W_WSEQ] + 1
 

@@ -35,7 +35,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import numpy as np
 import xxhash
 
-from . import maintenance, probe, protocol
+from . import lifecycle, maintenance, probe, protocol
 from .batching import group_sorted
 from .crashpoints import crashpoint
 from .errors import (
@@ -52,7 +52,6 @@ from .layout import (
     DURATION_BOUNDS_NS,
     DURATION_BOUNDS_S,
     FLAG_AUTO_GROW,
-    LOCK_INO_OFFSET,
     NOT_SET,
     STATE_LIVE,
     STATE_REMOVED,
@@ -66,15 +65,7 @@ from .locking import WriterLock, lock_holder
 from .locking import enter as _enter
 from .locking import leave as _leave
 from .readlock import SHARED, SharedReadLock, resolve_read_mode
-from .storage import (
-    Mapping,
-    build_temp,
-    link_into_place,
-    open_mapping,
-    remove_files,
-    resolve,
-    stale_temp_files,
-)
+from .storage import Mapping, open_mapping, resolve, sweep_temps
 from .timestamps import to_ns, to_ns_array
 
 __all__ = ["CallTable", "Stats", "Counters", "GetManyResult", "CheckReport"]
@@ -306,30 +297,10 @@ class CallTable:
         resolve_read_mode(read_mode)          # a bad mode is refused before anything is made
         if seed is None:
             seed = secrets.randbits(64)
-        _sweep_temps(path)
+        sweep_temps(path)
         g = make_geometry(capacity, key_width, seed, max_load, time.time_ns(),
                           FLAG_AUTO_GROW if auto_grow else 0)
-        tmp = build_temp(path, g, mode)
-        crashpoint("create-built")
-        # The lock file exists before the table does, so that no writer can ever
-        # see a table without its lock.  A refused create leaves nothing behind.
-        try:
-            lock = WriterLock(lock_path, mode)
-            _stamp_lock(tmp, lock.inode)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        try:
-            link_into_place(tmp, path)
-        except BaseException:
-            lock.close()
-            if lock.created:
-                try:
-                    os.unlink(lock_path)
-                except FileNotFoundError:
-                    pass
-            raise
-        lock.close()
+        lifecycle.create_file(path, lock_path, g, mode)
         return cls.open(path, read_mode=read_mode)
 
     @classmethod
@@ -361,7 +332,7 @@ class CallTable:
         path, lock_path = resolve(name_or_path)
         m = open_mapping(path, readonly)
         if not readonly:
-            _sweep_temps(path)
+            sweep_temps(path)
         try:
             return cls(m, lock_path, readonly, read_mode)
         except BaseException:
@@ -372,7 +343,7 @@ class CallTable:
     def open_or_create(cls, name_or_path: str | os.PathLike, capacity: int,
                        key_width: int = 64, mode: int = 0o600, **kw: Any) -> "CallTable":
         """Attach to the table, creating it first if it does not exist (race-free)."""
-        from .errors import TableExistsError, TableNotFoundError
+        from .errors import TableExistsError
         for _ in range(10):
             try:
                 return cls.open(name_or_path, read_mode=kw.get("read_mode"))
@@ -392,39 +363,7 @@ class CallTable:
         (:class:`TableRemovedError`); their mappings stay valid until they
         close.  Returns True if the table existed.
         """
-        path, lock_path = resolve(name_or_path)
-        try:
-            m = open_mapping(path, readonly=False)
-        except NpcallsError:
-            return remove_files(path, lock_path)  # not a usable table: just remove the files
-        try:
-            st = os.fstat(m.fd)
-            lock = WriterLock(lock_path, st.st_mode & 0o7777, owner=(st.st_uid, st.st_gid))
-        except BaseException:
-            m.close()
-            raise
-        try:
-            lock.acquire()
-            try:
-                # Act on the file the path names now, with the lock that its
-                # writers take: a rebuild may have replaced the file while we
-                # waited, and the lock file may have moved.
-                while True:
-                    m.close()
-                    try:
-                        m = open_mapping(path, readonly=False)
-                    except TableNotFoundError:
-                        return remove_files(path, lock_path)
-                    if m.q[_W_LOCK] == lock.inode:
-                        break
-                    lock.settle(m.q, _W_LOCK)
-                m.q[_W_STATE] = STATE_REMOVED
-                return remove_files(path, lock_path)
-            finally:
-                lock.release()
-        finally:
-            lock.close()
-            m.close()
+        return lifecycle.unlink_table(*resolve(name_or_path))
 
     def close(self) -> None:
         """Detach.  Never removes the table: other processes keep using it."""
@@ -1436,24 +1375,6 @@ class CallTable:
                 self._install(new)
             return report
 
-
-
-def _sweep_temps(path: str) -> None:
-    """Remove temporary files that dead creators or rebuilders left beside ``path``."""
-    for p in stale_temp_files(path):
-        try:
-            os.unlink(p)
-        except OSError:
-            pass
-
-
-def _stamp_lock(tmp: str, ino: int) -> None:
-    """Record the lock file's inode in a new table's header (docs/format.md, "Writing")."""
-    fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.pwrite(fd, struct.pack("<Q", ino), LOCK_INO_OFFSET)
-    finally:
-        os.close(fd)
 
 
 class _SharedReadCallTable(CallTable):
