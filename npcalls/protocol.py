@@ -24,20 +24,28 @@ from __future__ import annotations
 
 import functools
 import struct
+from bisect import bisect_left as _bisect_left
+from typing import Any
 
 import numpy as np
 
 from . import probe
 from .errors import FormatError, TableNotFoundError, TableRemovedError
-from .layout import STATE_LIVE, STATE_REMOVED, STATE_RETIRED, TOMBSTONE, W
+from .layout import DURATION_BOUNDS_NS, STATE_LIVE, STATE_REMOVED, STATE_RETIRED, TOMBSTONE, W
 from .storage import Mapping, open_mapping, same_file, sweep_temps
 
 __all__ = ["Operation", "open_op", "close_op", "publish_row", "set_field", "free_slot",
-           "free_slots", "settle_sequence", "recover", "renumber", "follow", "WSEQ_WRAP"]
+           "free_slots", "observe_duration", "observe_durations", "settle_sequence", "recover",
+           "renumber", "follow", "WSEQ_WRAP"]
 
 _W_STATE, _W_WSEQ, _W_COUNT, _W_TOMB = W["state"], W["wseq"], W["count"], W["tombstones"]
 _W_NREM, _W_NREC = W["n_removed"], W["n_recoveries"]
 _U1 = np.uint64(1)
+_W_DURSUM, _W_DUR0 = W["dur_sum_us"], W["dur_bucket_0"]
+_DUR_BOUNDS = np.array(DURATION_BOUNDS_NS, np.int64)
+_U64 = struct.Struct("<Q")
+_DUR0_OFF, _DURSUM_OFF = _W_DUR0 * 8, _W_DURSUM * 8
+_M64 = 0xFFFFFFFFFFFFFFFF
 
 WSEQ_WRAP = 1 << 63
 """A writer sequence at or past this is renumbered (docs/format.md, "Writing")."""
@@ -141,6 +149,28 @@ def free_slots(m: Mapping, w: int, slots: np.ndarray) -> None:
     q[_W_COUNT] -= len(slots)
     q[_W_TOMB] += tomb
     q[_W_NREM] += len(slots)
+
+
+# ---------------------------------------------------------------- the duration histogram
+
+def observe_duration(mv: memoryview, d: int) -> None:
+    """Count one call that now has both times (lock held; see docs/format.md).
+
+    On the single-key hot path: struct on the mapping's memoryview costs
+    about half of numpy scalar arithmetic on the header words.
+    """
+    off = _DUR0_OFF + (_bisect_left(DURATION_BOUNDS_NS, d) << 3)
+    _U64.pack_into(mv, off, (_U64.unpack_from(mv, off)[0] + 1) & _M64)
+    if d > 0:
+        _U64.pack_into(mv, _DURSUM_OFF, (_U64.unpack_from(mv, _DURSUM_OFF)[0] + d // 1000) & _M64)
+
+
+def observe_durations(q: Any, d: np.ndarray) -> None:
+    """Count many calls that now have both times (lock held)."""
+    n = np.bincount(np.searchsorted(_DUR_BOUNDS, d, side="left"), minlength=len(_DUR_BOUNDS) + 1)
+    for i in np.flatnonzero(n):
+        q[_W_DUR0 + i] += int(n[i])
+    q[_W_DURSUM] += np.sum(np.maximum(d, 0) // 1000, dtype=np.uint64)
 
 
 # ---------------------------------------------------------------- taking over the table

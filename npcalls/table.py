@@ -29,15 +29,12 @@ import secrets
 import struct
 import threading
 import time
-from bisect import bisect_left as _bisect_left
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import xxhash
 
-from . import lifecycle, maintenance, probe, protocol
-from .batching import group_sorted
-from .crashpoints import crashpoint
+from . import batching, lifecycle, maintenance, probe, protocol, scan
 from .errors import (
     BatchKeyError,
     NpcallsError,
@@ -46,31 +43,28 @@ from .errors import (
     TableNotFoundError,
 )
 from .hashing import tags_of
-from .keys import encode_key, encode_keys
+from .keys import encode_keys
 from .layout import (
     DEFAULT_MAX_LOAD,
     DURATION_BOUNDS_NS,
-    DURATION_BOUNDS_S,
     FLAG_AUTO_GROW,
     NOT_SET,
     STATE_LIVE,
     STATE_REMOVED,
     STATE_RETIRED,
-    TOMBSTONE,
     W,
     make_geometry,
-    snapshot_dtype,
 )
 from .locking import WriterLock, lock_holder
-from .locking import enter as _enter
-from .locking import leave as _leave
 from .readlock import SHARED, SharedReadLock, resolve_read_mode
+from .single import SingleKeyOps
 from .storage import Mapping, open_mapping, resolve, sweep_temps
 from .timestamps import to_ns, to_ns_array
 
 __all__ = ["CallTable", "Stats", "Counters", "GetManyResult", "CheckReport"]
 
 from .maintenance import CheckReport  # noqa: E402  (re-exported)
+from .scan import Counters, Stats  # noqa: E402  (re-exported)
 
 _xxh = xxhash.xxh64_intdigest
 _time_ns = time.time_ns
@@ -89,73 +83,6 @@ _DUR0_OFF, _DURSUM_OFF = _W_DUR0 * 8, _W_DURSUM * 8
 _M64 = 0xFFFFFFFFFFFFFFFF
 
 
-def _observe_duration(mv: memoryview, d: int) -> None:
-    """Count one call that now has both times (lock held; see docs/format.md).
-
-    On the single-key hot path: struct on the mapping's memoryview costs
-    about half of numpy scalar arithmetic on the header words.
-    """
-    off = _DUR0_OFF + (_bisect_left(DURATION_BOUNDS_NS, d) << 3)
-    _U64.pack_into(mv, off, (_U64.unpack_from(mv, off)[0] + 1) & _M64)
-    if d > 0:
-        _U64.pack_into(mv, _DURSUM_OFF, (_U64.unpack_from(mv, _DURSUM_OFF)[0] + d // 1000) & _M64)
-
-
-def _observe_durations(q: Any, d: np.ndarray) -> None:
-    """Count many calls that now have both times (lock held)."""
-    n = np.bincount(np.searchsorted(_DUR_BOUNDS, d, side="left"), minlength=len(_DUR_BOUNDS) + 1)
-    for i in np.flatnonzero(n):
-        q[_W_DUR0 + i] += int(n[i])
-    q[_W_DURSUM] += np.sum(np.maximum(d, 0) // 1000, dtype=np.uint64)
-
-
-class Counters(NamedTuple):
-    """What :meth:`CallTable.counters` reports: header words only, no pass over the rows."""
-
-    capacity: int
-    limit: int
-    count: int  # type: ignore[assignment]  # public field name; shadows tuple.count
-    tombstones: int
-    generation: int
-    n_started: int
-    n_stopped: int
-    n_removed: int
-    n_rebuilds: int
-    n_recoveries: int
-    duration_bounds_s: tuple[int, ...]
-    """Upper bounds of the duration buckets (seconds); a last bucket holds the rest."""
-    duration_buckets: tuple[int, ...]
-    """Calls per bucket (not cumulative), len(duration_bounds_s) + 1 entries."""
-    duration_sum_s: float
-
-
-class Stats(NamedTuple):
-    """What :meth:`CallTable.stats` reports."""
-
-    path: str
-    capacity: int
-    count: int  # type: ignore[assignment]  # public field name; shadows tuple.count
-    limit: int
-    load_factor: float
-    key_width: int
-    bytes_per_slot: int
-    file_bytes: int
-    tombstones: int
-    active: int
-    ended: int
-    end_only: int
-    max_probe: int
-    mean_probe: float
-    generation: int
-    n_started: int
-    n_stopped: int
-    n_removed: int
-    n_rebuilds: int
-    n_recoveries: int
-    auto_grow: bool
-    writer_pid: int | None
-
-
 class GetManyResult(NamedTuple):
     """What :meth:`CallTable.get_many` returns: arrays aligned with the keys."""
 
@@ -164,7 +91,7 @@ class GetManyResult(NamedTuple):
     found: np.ndarray
 
 
-class CallTable:
+class CallTable(SingleKeyOps):
     """A table of SIP calls (Call-ID -> start, end) in shared memory.
 
     Do not instantiate directly: use :meth:`create`, :meth:`open` or
@@ -537,14 +464,6 @@ class CallTable:
             lock.settle(m.q, _W_LOCK)   # may have waited: look at the path again
             ino = lock.lock_file.ino
 
-    def _insert_one(self, m: Mapping, w: int, slot: int, field: bytes, tag: int,
-                    start: int, end: int) -> None:
-        if slot < 0:
-            raise NpcallsError(f"table {self._path}: no free slot on the key's probe path "
-                               "although the counts say there is room (run `npcalls check "
-                               "--repair`)")
-        protocol.publish_row(m, w, slot, field, tag, start, end)
-
     def _make_room_locked(self, m: Mapping, needed: int) -> tuple[Mapping, int]:
         """Ensure ``needed`` more rows fit (:func:`npcalls.maintenance.make_room`)."""
         new = maintenance.make_room(self._path, m, needed)
@@ -552,271 +471,6 @@ class CallTable:
             self._install(new)
             m = new
         return m, int(m.q[_W_WSEQ])
-
-    def _write_one(self, call_id: Any, ts: Any, col: int, insert: bool) -> bool:
-        """start() (col 1) and stop() (col 2): set a field if unset, inserting if allowed.
-
-        This is the hottest path of the library (one call per SIP transaction
-        in every proxy worker), so the probe and the row writes are inlined
-        here: copies of :func:`npcalls.probe.find_one`,
-        :func:`npcalls.protocol.set_field` and :func:`npcalls.protocol.publish_row`
-        inside the bracket of :class:`npcalls.protocol.Operation`, which are the
-        reference; tests/test_protocol.py checks that both write the same bytes.
-        The rare cases (a rebuilt or removed file, a crashed predecessor, a full
-        table) go through :meth:`_write_one_locked`, built on the reference.
-        """
-        mm, mv, q, qi, nb, tags_off, rows_off, rs, _, pack_row, kw, kf, seed = self._fast
-        if type(call_id) is str and call_id.isascii():      # encode_key's common case
-            field = call_id.encode()
-            if not 0 < len(field) <= kw or 0 in field:
-                field = encode_key(call_id, kw, kf)
-            else:
-                field = field.ljust(kf, b"\x00")
-        else:
-            field = encode_key(call_id, kw, kf)
-        if ts is None:
-            ts = _time_ns()
-        elif type(ts) is not int or not -_I64_MAX <= ts <= _I64_MAX:
-            ts = to_ns(ts)
-        tag = _xxh(field, seed)
-        if tag < 2:
-            tag += 2
-        lf = self._lockfile
-        if lf is None:
-            raise self._unwritable()
-        # The writer lock's functions rather than a `with` block (which costs
-        # ~0.5 us, a sixth of the operation).
-        _enter(lf)
-        try:
-            if q[_W_STATE] or q[_W_WSEQ] & _SLOW or q[_W_LOCK] != lf.ino:
-                return self._write_one_locked(field, tag, ts, col, insert)
-            b = ((tag >> 32) * nb) >> 32
-            free = -1
-            left = nb
-            while left:
-                left -= 1
-                blk = _TAGS8.unpack_from(mv, tags_off + (b << 6))
-                if tag in blk:
-                    j = blk.index(tag)
-                    while True:
-                        o = rows_off + ((b << 3) + j) * rs
-                        if mm[o + 24:o + 24 + kf] == field:
-                            o >>= 3
-                            if qi[o + col] != NOT_SET:
-                                return False
-                            w = q[_W_WSEQ]
-                            q[_W_WSEQ] = w + 1
-                            q[o] = w + 1
-                            qi[o + col] = ts
-                            q[o] = w + 2
-                            q[_W_NSTART if col == 1 else _W_NSTOP] += 1
-                            other = _I64.unpack_from(mv, (o + 3 - col) << 3)[0]
-                            if other != NOT_SET:    # the call now has both times
-                                # _observe_duration, inlined (hot path)
-                                d = ts - other if col == 2 else other - ts
-                                b = _DUR0_OFF + (_bisect_left(DURATION_BOUNDS_NS, d) << 3)
-                                _U64.pack_into(mv, b, _U64.unpack_from(mv, b)[0] + 1)
-                                if d > 0:
-                                    _U64.pack_into(mv, _DURSUM_OFF, (_U64.unpack_from(
-                                        mv, _DURSUM_OFF)[0] + d // 1000) & _M64)
-                            q[_W_WSEQ] = w + 2
-                            return True
-                        if tag not in blk[j + 1:]:
-                            break
-                        j = blk.index(tag, j + 1)
-                if 0 in blk:
-                    if free < 0:
-                        j = blk.index(0)
-                        if 1 in blk:
-                            j = min(j, blk.index(1))
-                        free = (b << 3) + j
-                    break
-                if free < 0 and 1 in blk:
-                    free = (b << 3) + blk.index(1)
-                b += 1
-                if b == nb:
-                    b = 0
-            if not insert:
-                return False
-            if q[_W_COUNT] >= self._limit or q[_W_TOMB] > self._tomb_limit or free < 0:
-                return self._write_one_locked(field, tag, ts, col, insert)
-            w = q[_W_WSEQ]
-            o = (rows_off + free * rs) >> 3
-            tw = (tags_off >> 3) + free
-            was_tomb = q[tw] == TOMBSTONE
-            q[_W_WSEQ] = w + 1
-            q[o] = w + 1
-            if col == 1:
-                pack_row(mv, o << 3, w + 1, ts, NOT_SET, field)
-            else:
-                pack_row(mv, o << 3, w + 1, NOT_SET, ts, field)
-            q[tw] = tag                     # publish: the row is complete
-            q[o] = w + 2
-            q[_W_COUNT] += 1
-            if was_tomb:
-                q[_W_TOMB] -= 1
-            q[_W_NSTART if col == 1 else _W_NSTOP] += 1
-            q[_W_WSEQ] = w + 2
-            return True
-        finally:
-            _leave(lf)
-
-    def _write_one_locked(self, field: bytes, tag: int, ts: int, col: int, insert: bool) -> bool:
-        """The general path of :meth:`_write_one` (lock held)."""
-        m, w = self._begin_locked()
-        slot, free = probe.find_one(self._fast, field, tag)
-        if slot >= 0:
-            if m.qi[protocol.row_word(m, slot) + col] != NOT_SET:
-                return False
-            with protocol.Operation(m.q, w):
-                other = protocol.set_field(m, w, slot, col, ts)
-                if other != NOT_SET:
-                    _observe_duration(m.mv, ts - other if col == 2 else other - ts)
-                m.q[_W_NSTART if col == 1 else _W_NSTOP] += 1
-            return True
-        if not insert:
-            return False
-        g = self._g
-        if m.q[_W_COUNT] >= g.limit or m.q[_W_TOMB] > probe.tomb_limit(g):
-            m, w = self._make_room_locked(m, 1)
-            slot, free = probe.find_one(self._fast, field, tag)
-        with protocol.Operation(m.q, w):
-            if col == 1:
-                self._insert_one(m, w, free, field, tag, ts, NOT_SET)
-            else:
-                self._insert_one(m, w, free, field, tag, NOT_SET, ts)
-            m.q[_W_NSTART if col == 1 else _W_NSTOP] += 1
-        return True
-
-    def start(self, call_id: str | bytes, ts: Any = None) -> bool:
-        """Record that a call started.
-
-        Inserts the call with ``start = ts`` (now if None) and returns True.
-        If the call is already present its first start is kept (retransmitted
-        INVITE, re-INVITE) and False is returned, except that a call known only
-        by its end (``stop(..., insert_missing=True)``) gets its start set.
-        """
-        return self._write_one(call_id, ts, 1, True)
-
-    def stop(self, call_id: str | bytes, ts: Any = None, *, insert_missing: bool = False) -> bool:
-        """Record that a call ended.
-
-        Sets ``end = ts`` (now if None) on a present call whose end is unset
-        and returns True; a second stop keeps the first end and returns False.
-        A call that is not in the table is left alone (False) unless
-        ``insert_missing`` is True, which records an end-only call (a BYE whose
-        INVITE predates the log).
-        """
-        return self._write_one(call_id, ts, 2, insert_missing)
-
-    def remove(self, call_id: str | bytes) -> bool:
-        """Remove a call; True if it was present."""
-        field = encode_key(call_id, self._kw, self._kf)
-        tag = _xxh(field, self._seed)
-        if tag < 2:
-            tag += 2
-        with self._writable_lock():
-            m, w = self._begin_locked()
-            slot, _ = probe.find_one(self._fast, field, tag)
-            if slot < 0:
-                return False
-            protocol.open_op(m.q, w)     # not a `with`: remove() is a single-key op
-            protocol.free_slot(m, w, slot)
-            protocol.close_op(m.q, w)
-            return True
-
-    # ------------------------------------------------------------------ reading
-
-    def get(self, call_id: str | bytes) -> tuple[int, int] | None:
-        """``(start, end)`` of a call, or None if absent.
-
-        Takes no lock in the lock-free read mode; in the shared mode (see
-        :meth:`open`) holds the shared lock for the probe only.
-
-        Either value may be :data:`NOT_SET` (an active call has no end yet).
-        """
-        # The hot read path: the bucket walk of npcalls.probe.find_one and the
-        # seq/row/seq read of docs/format.md ("Reading without a lock"),
-        # inlined; tests/test_model_hypothesis.py checks get() against
-        # get_many() (the vectorized lookup) and a model.
-        _, mv, q, _, nb, tags_off, rows_off, rs, unpack_row, _, kw, kf, seed = self._fast
-        # encode_key's common case, inlined (a function call is ~8% of a get)
-        if type(call_id) is str and call_id.isascii():
-            field = call_id.encode()
-            if not 0 < len(field) <= kw or 0 in field:
-                field = encode_key(call_id, kw, kf)
-            else:
-                field = field.ljust(kf, b"\x00")
-        else:
-            field = encode_key(call_id, kw, kf)
-        tag = _xxh(field, seed)
-        if tag < 2:
-            tag += 2
-        if q[_W_STATE] and self._live_mapping().q is not q:
-            # followed a rebuild: read the new file (CallTable.get, not self.get:
-            # in shared read mode the caller already holds the read lock)
-            return CallTable.get(self, call_id)
-        b = ((tag >> 32) * nb) >> 32
-        left = nb
-        while True:
-            blk = _TAGS8.unpack_from(mv, tags_off + (b << 6))
-            if tag in blk:
-                j = blk.index(tag)
-                while True:
-                    o = rows_off + ((b << 3) + j) * rs
-                    o8 = o >> 3
-                    s1 = q[o8]
-                    _, st, en, key = unpack_row(mv, o)
-                    if s1 != q[o8] or s1 & 1:
-                        st, en, key = self._read_row_slow(mv, q, o, unpack_row)
-                    if key == field:
-                        return st, en
-                    if tag not in blk[j + 1:]:          # another key with this tag: 2**-64
-                        break
-                    j = blk.index(tag, j + 1)
-            if 0 in blk:
-                return None
-            left -= 1
-            if not left:
-                return None
-            b += 1
-            if b == nb:
-                b = 0
-
-    def _read_row_slow(self, mv: Any, q: Any, o: int, unpack_row: Any) -> tuple[int, int, bytes]:
-        """Re-read a row a writer may be changing.
-
-        Accepted (see :func:`npcalls.probe.row_is_stable`): the classic seqlock
-        (the same even version before and after), a version at most the
-        header's even writer sequence read before the row, or a version above
-        anything a writer has stamped (a copied or hostile file: read as is).
-        """
-        o8 = o >> 3
-        spins = 0
-        while True:
-            w1 = q[_W_WSEQ]
-            s1 = q[o8]
-            _, st, en, key = unpack_row(mv, o)
-            s2 = q[o8]
-            if s1 == s2 and not s1 & 1 or s2 <= w1 & ~1:
-                return st, en, key
-            if s1 == s2 and s2 > probe._stamp_bound(q[_W_WSEQ]):
-                return st, en, key
-            spins += 1
-            if spins > 1000 and s1 == q[o8] and self._writer_is_dead(spins):
-                return st, en, key
-
-    def _writer_is_dead(self, spins: int) -> bool:
-        """A row has stayed mid-write through ``spins`` re-reads: is its writer gone?
-
-        If the lock is free, the writer died mid-row; a half-done row is
-        still consistent because each field is published in a safe order
-        (payload, then tag, then seq), so the reader may take it as it is.
-        """
-        if spins % 1000:
-            return False
-        time.sleep(0.0001 if spins < 100_000 else 0.001)
-        return lock_holder(self._lock_path) is None
 
     def __contains__(self, call_id: object) -> bool:
         return self.get(call_id) is not None  # type: ignore[arg-type]
@@ -1005,73 +659,8 @@ class CallTable:
                        sv: np.ndarray | None, ev: np.ndarray | None, insert: bool,
                        started: np.ndarray, ended: np.ndarray) -> None:
         m, w = self._begin_locked()
-        t = tag if idx is None else tag[idx]
-        kq = keyq if idx is None else keyq[idx]
-        grp = group_sorted(t, kq)
-        o = grp.order
-        rep = o[grp.first]                  # position of each key's first row
-        rt = t[rep]
-        while True:
-            f = probe.lookup(m, rt, kq, consistent=False, want_rows=True, key_index=rep)
-            found = f.slot >= 0
-            new_groups = np.flatnonzero(~found) if insert else np.empty(0, np.int64)
-            if not len(new_groups):
-                break
-            m2, w = self._make_room_locked(m, len(new_groups))
-            if m2 is m:
-                break
-            m = m2                          # rebuilt: slots moved, look again
-        rounds = f.rounds
-        q = m.q
-        seq_odd = w + 1
-        protocol.open_op(q, w)
-        gid = grp.group
-        ngroups = len(rep)
-        new_vals = {1: np.full(ngroups, NOT_SET, np.int64), 2: np.full(ngroups, NOT_SET, np.int64)}
-        upd_vals = {1: np.full(ngroups, NOT_SET, np.int64), 2: np.full(ngroups, NOT_SET, np.int64)}
-        for vals, col, out, counter in ((sv, 1, started, _W_NSTART), (ev, 2, ended, _W_NSTOP)):
-            if vals is None:
-                continue
-            v = (vals if idx is None else vals[idx])[o]     # sorted batch order
-            rows = np.flatnonzero(v != NOT_SET)
-            if not len(rows):
-                continue
-            g = gid[rows]
-            lead = np.ones(len(rows), bool)
-            lead[1:] = g[1:] != g[:-1]
-            win, wg = rows[lead], g[lead]   # the first row with a value, per key
-            fnd = found[wg]
-            cur = (f.start if col == 1 else f.end)[wg]
-            upd = fnd & (cur == NOT_SET)
-            if upd.any():
-                probe.set_field(m, f.slot[wg[upd]], col, v[win[upd]], seq_odd)
-                upd_vals[col][wg[upd]] = v[win[upd]]
-            rec = upd
-            if insert:
-                new_vals[col][wg[~fnd]] = v[win[~fnd]]
-                rec = upd | ~fnd
-            hit_rows = o[win[rec]]
-            out[hit_rows if idx is None else idx[hit_rows]] = True
-            q[counter] += int(np.count_nonzero(rec))
-        # Calls that got their second time in this batch enter the duration histogram.
-        s_old = np.where(found, f.start, NOT_SET)
-        e_old = np.where(found, f.end, NOT_SET)
-        s_new = np.where(s_old != NOT_SET, s_old, np.where(found, upd_vals[1], new_vals[1]))
-        e_new = np.where(e_old != NOT_SET, e_old, np.where(found, upd_vals[2], new_vals[2]))
-        done = (s_new != NOT_SET) & (e_new != NOT_SET) & ((s_old == NOT_SET) | (e_old == NOT_SET))
-        if done.any():
-            _observe_durations(q, e_new[done] - s_new[done])
-        crashpoint("batch-fields-set")
-        if len(new_groups):
-            fields = kq.view(f"S{self._kf}").reshape(len(kq))
-            _, pr, reused = probe.place(m, rt[new_groups], fields, rep[new_groups],
-                                        new_vals[1][new_groups], new_vals[2][new_groups], seq_odd)
-            rounds += pr
-            crashpoint("batch-placed")
-            q[_W_COUNT] += len(new_groups)
-            q[_W_TOMB] -= reused
-        protocol.close_op(q, w)
-        self.last_rounds = rounds
+        self.last_rounds = batching.record_locked(m, w, idx, keyq, tag, sv, ev, insert, started,
+                                                  ended, self._make_room_locked)
 
     def remove_many(self, keys: Sequence[str | bytes] | np.ndarray, *,
                     errors: str = "raise") -> np.ndarray:
@@ -1088,23 +677,12 @@ class CallTable:
             try:
                 m, w = self._begin_locked()
                 t, kq = (tag, keyq) if valid is None else (tag[idx], keyq[idx])
-                grp = group_sorted(t, kq)
-                rep = grp.order[grp.first]
-                f = probe.lookup(m, t[rep], kq, consistent=False, want_rows=False,
-                                 key_index=rep)
-                hit = np.flatnonzero(f.slot >= 0)
-                if len(hit):
-                    self._remove_slots_locked(m, w, f.slot[hit])
-                removed[idx[rep[hit]]] = True
-                self.last_rounds = f.rounds
+                hit, self.last_rounds = batching.remove_locked(m, w, t, kq)
+                removed[idx[hit]] = True
             finally:
                 lock.release()
         self._raise_bad(enc, keys, removed, errors)
         return removed
-
-    def _remove_slots_locked(self, m: Mapping, w: int, slots: np.ndarray) -> None:
-        with protocol.Operation(m.q, w):
-            protocol.free_slots(m, w, slots)
 
     # ------------------------------------------------------------------ whole table
 
@@ -1117,30 +695,7 @@ class CallTable:
         snapshot is always in it, and rows written while it runs may or may not
         be (each row is as it was at some instant during the snapshot).
         """
-        if self._rl is not None:
-            # Shared mode: one consistent copy under the shared lock (writers wait
-            # for the copy: ~75 ms per million rows on the reference machine).
-            with self._rl:
-                m = self._live_mapping()
-                tags = m.tags.copy()
-                live = np.flatnonzero(tags >= 2)
-                rows = np.take(m.rowq, live, axis=0)
-        else:
-            m = self._live_mapping()
-            q = m.q
-            w1 = q[_W_WSEQ]
-            tags = m.tags.copy()
-            live = np.flatnonzero(tags >= 2)
-            rows = np.take(m.rowq, live, axis=0)
-            unstable = np.flatnonzero(~probe.row_is_stable(m.seqcol[live], w1, None, q))
-            if len(unstable):
-                live, rows = self._reread_rows(m, live, rows, tags[live], unstable)
-        out = np.empty(len(live), snapshot_dtype(self._kw))
-        out["start"] = rows[:, 1].view(np.int64)
-        out["end"] = rows[:, 2].view(np.int64)
-        keys = np.ascontiguousarray(rows[:, 3:]).view(f"S{self._kf}").reshape(len(live))
-        out["key"] = keys if self._kf == self._kw else keys.astype(f"S{self._kw}")
-        return out
+        return scan.snapshot(self._live_mapping, self._rl, self._stuck_ok)
 
     def times(self) -> tuple[np.ndarray, np.ndarray]:
         """``(start, end)`` of every call present, without their keys: snapshot() for monitors.
@@ -1155,92 +710,11 @@ class CallTable:
         (numpy.ndarray, numpy.ndarray)
             int64 ns, aligned, in no particular order; NOT_SET where unset.
         """
-        m = self._live_mapping()
-        w1 = m.q[_W_WSEQ]
-        tags = m.tags.copy()
-        live = np.flatnonzero(tags >= 2)
-        se = np.take(m.rowq[:, 1:3], live, axis=0)     # one gather: both times of a row
-        start, end = se[:, 0], se[:, 1]
-        ok = probe.row_is_stable(m.seqcol[live], w1, None)   # versions read after the times
-        if not ok.all():
-            # Rows a writer touched meanwhile: re-read them whole (their keys
-            # tell a call that moved from its older copy), as snapshot() does.
-            lu = live[~ok]
-            _, rows = self._reread_rows(m, lu, np.take(m.rowq, lu, axis=0), tags[lu],
-                                        np.arange(len(lu)))
-            start = np.concatenate([start[ok], rows[:, 1]])
-            end = np.concatenate([end[ok], rows[:, 2]])
-        return start.view(np.int64), end.view(np.int64)
-
-    def _reread_rows(self, m: Mapping, live: np.ndarray, rows: np.ndarray, tag: np.ndarray,
-                     todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Re-read rows a writer touched while a snapshot copied them.
-
-        A call can move while a snapshot runs (removed from one slot, started
-        again in another): the older copy of a key that a re-read found again
-        is dropped, so that no key appears twice.
-        """
-        keep = np.ones(len(live), bool)
-        when = np.zeros(len(live), np.int64)       # 0: first pass; k: k-th re-read round
-        dead_w = None
-        since = time.monotonic()
-        rounds = 0
-        while len(todo):
-            rounds += 1
-            w1 = m.q[_W_WSEQ]
-            slots = live[todo]
-            tg = np.take(m.tags, slots)
-            r = np.take(m.rowq, slots, axis=0)
-            ok = probe.row_is_stable(m.seqcol[slots], w1, dead_w, m.q)
-            done = todo[ok]
-            rows[done] = r[ok]
-            tag[done] = tg[ok]
-            when[done] = rounds
-            keep[done[tg[ok] < 2]] = False          # removed meanwhile
-            todo = todo[~ok]
-            if len(todo) and time.monotonic() - since > 0.05:
-                if w1 & 1 and self._stuck_ok():
-                    dead_w = int(w1)
-                else:
-                    time.sleep(0.001)
-        reread = np.flatnonzero((when > 0) & keep)
-        if len(reread):
-            cand = np.flatnonzero(keep & np.isin(tag, tag[reread]))
-            newest: dict[bytes, int] = {}
-            for i in cand[np.argsort(when[cand], kind="stable")]:
-                k = rows[i, 3:].tobytes()
-                j = newest.get(k)
-                if j is not None:
-                    keep[j] = False                 # an older copy of this call
-                newest[k] = i
-        return live[keep], rows[keep]
+        return scan.times(self._live_mapping(), self._stuck_ok)
 
     def stats(self) -> Stats:
         """Counts, load and probe lengths (a pass over the table; takes no lock)."""
-        m = self._live_mapping()
-        g = m.geometry
-        q = m.q
-        pl = probe.probe_lengths(m)
-        snap_start = m.rowq[:, 1].view(np.int64)
-        snap_end = m.rowq[:, 2].view(np.int64)
-        live = m.tags >= 2
-        has_s = snap_start != NOT_SET
-        has_e = snap_end != NOT_SET
-        return Stats(
-            path=self._path, capacity=g.capacity, count=int(q[_W_COUNT]), limit=g.limit,
-            load_factor=int(q[_W_COUNT]) / g.capacity, key_width=g.key_width,
-            bytes_per_slot=8 + g.row_size, file_bytes=g.file_size,
-            tombstones=int(q[_W_TOMB]),
-            active=int(np.count_nonzero(live & has_s & ~has_e)),
-            ended=int(np.count_nonzero(live & has_s & has_e)),
-            end_only=int(np.count_nonzero(live & ~has_s & has_e)),
-            max_probe=int(pl.max()) if len(pl) else 0,
-            mean_probe=float(pl.mean()) if len(pl) else 0.0,
-            generation=g.generation, n_started=int(q[_W_NSTART]), n_stopped=int(q[_W_NSTOP]),
-            n_removed=int(q[_W_NREM]), n_rebuilds=int(q[W["n_rebuilds"]]),
-            n_recoveries=int(q[W["n_recoveries"]]), auto_grow=g.auto_grow,
-            writer_pid=lock_holder(self._lock_path),
-        )
+        return scan.stats(self._live_mapping(), self._path, self._lock_path)
 
     def counters(self) -> Counters:
         """The header's counts and monotonic counters, without a pass over the rows.
@@ -1253,19 +727,7 @@ class CallTable:
         Words are read one by one while writers may run: each is exact, the
         set is not one atomic picture.
         """
-        m = self._live_mapping()
-        g = m.geometry
-        q = m.q
-        b0 = _W_DUR0
-        buckets = tuple(int(x) for x in q[b0:b0 + len(DURATION_BOUNDS_S) + 1])
-        return Counters(
-            capacity=g.capacity, limit=g.limit, count=int(q[_W_COUNT]),
-            tombstones=int(q[_W_TOMB]), generation=g.generation,
-            n_started=int(q[_W_NSTART]), n_stopped=int(q[_W_NSTOP]), n_removed=int(q[_W_NREM]),
-            n_rebuilds=int(q[W["n_rebuilds"]]), n_recoveries=int(q[W["n_recoveries"]]),
-            duration_bounds_s=DURATION_BOUNDS_S, duration_buckets=buckets,
-            duration_sum_s=int(q[_W_DURSUM]) / 1e6,
-        )
+        return scan.counters(self._live_mapping())
 
     # ------------------------------------------------------------------ rebuild
 
