@@ -31,16 +31,17 @@ _W_DURSUM, _W_DUR0 = W["dur_sum_us"], W["dur_bucket_0"]
 class Counters(NamedTuple):
     """What :meth:`CallTable.counters` reports: header words only, no pass over the rows."""
 
+    # The header words of docs/format.md, "Header, dynamic words" (generation: static part).
     capacity: int
     limit: int
     count: int  # type: ignore[assignment]  # public field name; shadows tuple.count
     tombstones: int
     generation: int
-    n_started: int
+    n_started: int          # monotonic, like the n_* below: they survive expire and rebuilds
     n_stopped: int
-    n_removed: int
-    n_rebuilds: int
-    n_recoveries: int
+    n_removed: int          # rows removed by remove/expire
+    n_rebuilds: int         # in this table's lineage
+    n_recoveries: int       # crashed writers recovered from
     duration_bounds_s: tuple[int, ...]
     """Upper bounds of the duration buckets (seconds); a last bucket holds the rest."""
     duration_buckets: tuple[int, ...]
@@ -77,13 +78,12 @@ class Stats(NamedTuple):
 
 def snapshot(live_mapping: Callable[[], Mapping], rl: SharedReadLock | None,
              stuck_ok: Callable[[], bool]) -> np.ndarray:
-    """A copy of every call present, as a structured array ``(key, start, end)``.
+    """What :meth:`CallTable.snapshot` returns, from the mapping ``live_mapping()`` gives.
 
-    Taken without the lock and without blocking writers (lock-free read
-    mode; the shared mode holds the shared lock for the copy).  Each row is
-    consistent, no Call-ID appears twice, a call present for the whole
-    snapshot is always in it, and rows written while it runs may or may not
-    be (each row is as it was at some instant during the snapshot).
+    With ``rl`` (the shared read mode) the copy is made under that lock;
+    otherwise rows are validated by their versions and re-read
+    (:func:`reread_rows`), ``stuck_ok`` telling whether a writer that left rows
+    mid-write is dead.
     """
     if rl is not None:
         # Shared mode: one consistent copy under the shared lock (writers wait
@@ -113,18 +113,7 @@ def snapshot(live_mapping: Callable[[], Mapping], rl: SharedReadLock | None,
 
 
 def times(m: Mapping, stuck_ok: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray]:
-    """``(start, end)`` of every call present, without their keys: snapshot() for monitors.
-
-    The same lock-free protocol and guarantees as :meth:`snapshot` (no
-    torn row, no call twice, every call present for the whole read is
-    there), reading 16 bytes per call instead of the whole row: the
-    Prometheus exporter's one pass per scrape.
-
-    Returns
-    -------
-    (numpy.ndarray, numpy.ndarray)
-        int64 ns, aligned, in no particular order; NOT_SET where unset.
-    """
+    """What :meth:`CallTable.times` returns: :func:`snapshot`'s rules, 16 bytes read per row."""
     w1 = m.q[_W_WSEQ]
     tags = m.tags.copy()
     live = np.flatnonzero(tags >= 2)
@@ -214,16 +203,7 @@ def stats(m: Mapping, path: str, lock_path: str) -> Stats:
 
 
 def counters(m: Mapping) -> Counters:
-    """The header's counts and monotonic counters, without a pass over the rows.
-
-    Cheap (a few dozen word reads) and lock-free, for monitoring: the
-    Prometheus exporter reads these on every scrape.  ``n_started`` and
-    ``n_stopped`` never decrease (expire and rebuilds keep them), and the
-    duration histogram counts every call once, when it first has both a
-    start and an end, so it also survives ``expire`` (docs/format.md).
-    Words are read one by one while writers may run: each is exact, the
-    set is not one atomic picture.
-    """
+    """What :meth:`CallTable.counters` returns: header words only, one by one, no lock."""
     g = m.geometry
     q = m.q
     b0 = _W_DUR0

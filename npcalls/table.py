@@ -29,10 +29,9 @@ import secrets
 import struct
 import threading
 import time
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Generic, Iterator, NamedTuple, Sequence, TypeVar, overload
 
 import numpy as np
-import xxhash
 
 from . import batching, lifecycle, maintenance, probe, protocol, scan
 from .errors import (
@@ -46,7 +45,6 @@ from .hashing import tags_of
 from .keys import encode_keys
 from .layout import (
     DEFAULT_MAX_LOAD,
-    DURATION_BOUNDS_NS,
     FLAG_AUTO_GROW,
     NOT_SET,
     STATE_LIVE,
@@ -66,21 +64,10 @@ __all__ = ["CallTable", "Stats", "Counters", "GetManyResult", "CheckReport"]
 from .maintenance import CheckReport  # noqa: E402  (re-exported)
 from .scan import Counters, Stats  # noqa: E402  (re-exported)
 
-_xxh = xxhash.xxh64_intdigest
-_time_ns = time.time_ns
-_TAGS8 = struct.Struct("<8Q")
-_I64_MAX = (1 << 63) - 1
-_W_STATE, _W_WSEQ, _W_COUNT, _W_TOMB = W["state"], W["wseq"], W["count"], W["tombstones"]
-_W_NSTART, _W_NSTOP, _W_NREM = W["n_started"], W["n_stopped"], W["n_removed"]
+_T = TypeVar("_T")
+_W_STATE, _W_WSEQ, _W_COUNT = W["state"], W["wseq"], W["count"]
 _W_LOCK = W["lock_ino"]
 _WSEQ_WRAP = protocol.WSEQ_WRAP  # a writer sequence this high is renumbered
-_SLOW = 1 | _WSEQ_WRAP      # wseq bits that send a write to the general path
-_W_DURSUM, _W_DUR0 = W["dur_sum_us"], W["dur_bucket_0"]
-_DUR_BOUNDS = np.array(DURATION_BOUNDS_NS, np.int64)
-_U64 = struct.Struct("<Q")
-_I64 = struct.Struct("<q")
-_DUR0_OFF, _DURSUM_OFF = _W_DUR0 * 8, _W_DURSUM * 8
-_M64 = 0xFFFFFFFFFFFFFFFF
 
 
 class GetManyResult(NamedTuple):
@@ -89,6 +76,25 @@ class GetManyResult(NamedTuple):
     start: np.ndarray
     end: np.ndarray
     found: np.ndarray
+
+
+class _ReadOnly(Generic[_T]):
+    """A typed read-only attribute computed from the handle (a property without its boilerplate)."""
+
+    def __init__(self, get: Callable[[Any], _T], doc: str) -> None:
+        self._get = get
+        self.__doc__ = doc
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> "_ReadOnly[_T]": ...
+    @overload
+    def __get__(self, obj: object, owner: type) -> _T: ...
+
+    def __get__(self, obj: object, owner: type) -> "_T | _ReadOnly[_T]":
+        return self if obj is None else self._get(obj)
+
+    def __set__(self, obj: object, value: object) -> None:
+        raise AttributeError("read-only attribute")
 
 
 class CallTable(SingleKeyOps):
@@ -320,54 +326,19 @@ class CallTable(SingleKeyOps):
 
     # ------------------------------------------------------------------ properties
 
-    @property
-    def path(self) -> str:
-        """The table's data file."""
-        return self._path
-
-    @property
-    def lock_path(self) -> str:
-        """The table's lock file."""
-        return self._lock_path
-
-    @property
-    def capacity(self) -> int:
-        """Number of slots."""
-        self._live_mapping()
-        return self._g.capacity
-
-    @property
-    def key_width(self) -> int:
-        """Longest accepted Call-ID, in bytes."""
-        return self._kw
-
-    @property
-    def max_load(self) -> float:
-        return self._g.max_load
-
-    @property
-    def limit(self) -> int:
-        """The most calls the table accepts at its current capacity."""
-        self._live_mapping()
-        return self._g.limit
-
-    @property
-    def readonly(self) -> bool:
-        return self._readonly
-
-    @property
-    def read_mode(self) -> str:
-        """``"lockfree"`` or ``"shared"``: how this handle's reads exclude torn rows."""
-        return self._read_mode
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def seed(self) -> int:
-        """The XXH64 seed of this table."""
-        return self._seed
+    # Read-only views of the handle's state (the geometry ones follow a rebuild first).
+    path = _ReadOnly[str](lambda t: t._path, "The table's data file.")
+    lock_path = _ReadOnly[str](lambda t: t._lock_path, "The table's lock file.")
+    capacity = _ReadOnly[int](lambda t: t._live_mapping().geometry.capacity, "Number of slots.")
+    limit = _ReadOnly[int](lambda t: t._live_mapping().geometry.limit,
+                           "The most calls the table accepts at its current capacity.")
+    key_width = _ReadOnly[int](lambda t: t._kw, "Longest accepted Call-ID, in bytes.")
+    max_load = _ReadOnly[float](lambda t: t._g.max_load, "The load factor limit.")
+    seed = _ReadOnly[int](lambda t: t._seed, "The XXH64 seed of this table.")
+    readonly = _ReadOnly[bool](lambda t: t._readonly, "Opened read-only.")
+    read_mode = _ReadOnly[str](lambda t: t._read_mode, '''``"lockfree"`` or ``"shared"``: how
+        this handle's reads exclude torn rows.''')
+    closed = _ReadOnly[bool](lambda t: t._closed, "Closed by :meth:`close`.")
 
     def __len__(self) -> int:
         return int(self._live_mapping().q[_W_COUNT])
@@ -606,10 +577,9 @@ class CallTable(SingleKeyOps):
                   insert_missing: bool = False, errors: str = "raise") -> np.ndarray:
         """Record many call ends; exactly like :meth:`stop` on each key in order.
 
-        Returns
-        -------
-        numpy.ndarray
-            bool per key: True where this call recorded the end.
+        ``ts`` and ``errors`` as in :meth:`start_many`; ``insert_missing``
+        records end-only calls for the keys not present, as :meth:`stop` does.
+        Returns a bool per key: True where this call recorded the end.
         """
         _, ended = self._record(keys, None, ts, insert=insert_missing, errors=errors, want="end")
         return ended
