@@ -164,7 +164,7 @@ def record_locked(m: Mapping, w: int, idx: np.ndarray | None, keyq: np.ndarray, 
         cur = (f.start if col == 1 else f.end)[wg]
         upd = fnd & (cur == NOT_SET)
         if upd.any():
-            probe.set_field(m, f.slot[wg[upd]], col, v[win[upd]], seq_odd)
+            protocol.set_fields(m, f.slot[wg[upd]], col, v[win[upd]], seq_odd)
             upd_vals[col][wg[upd]] = v[win[upd]]
         rec = upd
         if insert:
