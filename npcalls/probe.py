@@ -1,30 +1,21 @@
-"""Vectorized open addressing over a mapped table: batch lookup and batch placement.
+"""Finding keys: vectorized batch lookup and placement, and the single-key walk.
 
-The table (docs/format.md) is an array of ``nbuckets`` buckets of 8 slots.  A
-key's *home bucket* is ``(tag >> 32) * nbuckets >> 32`` (multiply-shift range
-reduction: no modulo, any bucket count, and monotonic in the tag, which the
-batch placement relies on).  A key lives in its home bucket or, if that bucket
-was full when the key was inserted, in one of the following buckets (linear
-probing over buckets, wrapping at the end).
-
-The invariant that makes lookups stop early (docs/format.md, "Hashing and
-probing"): no live key's walk, from its home bucket to the bucket holding
-it, passes a bucket that holds an EMPTY slot.  A lookup therefore stops at
-the first bucket holding its key or an EMPTY slot.  A delete may make its
-slot EMPTY again, and even reclaim a full bucket's tombstones, whenever no
-walk can pass the bucket (:func:`remove_slots` says when); otherwise it
-leaves a TOMBSTONE, which lookups walk past and inserts reuse.
+The rules are docs/format.md, "Hashing and probing": a key's home bucket
+(:mod:`npcalls.buckets`), linear probing over 8-slot buckets, and the
+invariant that lets a lookup stop at the first bucket holding its key or an
+EMPTY slot.  Deletes (:func:`npcalls.protocol.remove_slots`) keep it.
 
 A *round* of a batch operation looks at one bucket for every pending key at
 once: one gather of 64-byte tag lines, an 8-wide compare, a gather of the
 candidate rows.  With 8-slot buckets nearly every key resolves in its home
 bucket; the benchmark prints the rounds each batch took.
 
-Row writes follow the order of docs/format.md, "Writing": the row's ``seq``
-becomes odd, then the payload is written, then the tag is published, then
-``seq`` becomes even.  Batch lookups read rows by the one-read rule of
-"Reading without a lock" (``wseq`` before, each row's ``seq`` after);
-:func:`find_one` serves writers, which hold the lock and need no check.
+Batch lookups read rows by the one-read rule of docs/format.md, "Reading
+without a lock" (:func:`row_is_stable`); :func:`place` writes through
+:func:`npcalls.protocol.write_rows`.  One mechanism, two front doors: the
+vectorized :func:`lookup`/:func:`place`, and :func:`find_one` for one key
+(writers, which hold the lock and need no check), over a
+:class:`SingleKeyView`.
 """
 
 from __future__ import annotations

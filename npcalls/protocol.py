@@ -1,23 +1,24 @@
 """The write protocol of docs/format.md, in one place: the words writers touch, and their order.
 
-Everything here runs with the writer lock held (:mod:`npcalls.locking`) and
-follows docs/format.md, "Writing":
+Everything here runs with the writer lock held (:mod:`npcalls.locking`):
 
-* the *operation bracket*: the header's ``wseq`` is odd while an operation
-  runs and even when it is done (:class:`Operation`, or :func:`open_op` /
-  :func:`close_op` where a context manager does not fit);
-* a row changes inside its own odd ``seq`` window: payload, then tag (the
-  publication), then ``seq`` even (:func:`publish_row`, :func:`set_field`,
-  :func:`free_slot`, :func:`free_slots`; the vectorized placement of a batch
-  is :func:`npcalls.probe.place`, same order);
-* on taking the lock: revive a retired file nothing replaced, recover from a
-  writer that died mid-operation, renumber a sequence past 2**63
-  (:func:`settle_sequence`, :func:`recover`, :func:`renumber`);
-* following the path after a rebuild or a removal (:func:`follow`).
+* the operation bracket on ``wseq`` (docs/format.md, "Writing", steps 2 and
+  4): :class:`Operation`, or :func:`open_op` / :func:`close_op` where a
+  context manager does not fit;
+* a row's own ``seq`` window and publication order ("Writing", step 3), one
+  row at a time (:func:`publish_row`, :func:`set_field`, :func:`free_slot`)
+  or many (:func:`write_rows`, used by :func:`npcalls.probe.place`;
+  :func:`set_fields`, :func:`free_slots`); a delete's EMPTY or TOMBSTONE
+  ("Hashing and probing": :func:`remove_slots`, :func:`free_one`);
+* the duration histogram ("Header, dynamic words": :func:`observe_duration`,
+  :func:`observe_durations`);
+* on taking the lock ("Writing", step 1, and "Recovery"):
+  :func:`settle_sequence`, :func:`recover`, :func:`renumber`;
+* following the path after a rebuild or a removal ("Rebuilding"): :func:`follow`.
 
-The single-key write of :class:`~npcalls.CallTable` (``_write_one``) keeps
-an inlined copy of :func:`set_field` and :func:`publish_row` for speed; the
-test ``tests/test_protocol.py`` checks that the two write the same bytes.
+The single-key write (:mod:`npcalls.single`) keeps an inlined copy of
+:func:`set_field`, :func:`publish_row` and :func:`observe_duration` for
+speed; ``tests/test_protocol.py`` checks that the two write the same bytes.
 """
 
 from __future__ import annotations

@@ -1,24 +1,16 @@
-"""CallTable: the shared-memory table of SIP calls.
+"""CallTable: the shared-memory table of SIP calls, the facade over the core's layers.
 
-Concurrency model (the LMDB shape: one writer at a time, readers never wait):
+The concurrency model is docs/format.md's (the LMDB shape: one writer at a
+time, readers never wait): writers serialise on the lock ("Writing"), take
+over the table as :mod:`npcalls.protocol` says, and write through it;
+readers take no lock ("Reading without a lock") unless the handle reads in
+the shared mode ("Read modes and platforms"); a rebuild ("Rebuilding")
+replaces the file and every handle follows it at its next operation.
 
-* Writers serialise on the writer lock (:mod:`npcalls.locking`).  Every write
-  operation makes the header word ``wseq`` odd while it runs and even when it
-  is done; a writer that finds it odd on taking the lock knows its
-  predecessor died mid-operation and repairs the table first
-  (:func:`npcalls.protocol.recover`).
-* Readers take no lock.  Each row carries a version word ``seq``; batch
-  reads and snapshots read ``wseq`` first and each row's ``seq`` after the
-  row (the one-read rule of docs/format.md, "Reading without a lock"), while
-  the single-key :meth:`CallTable.get` reads ``seq``, the row, ``seq``.  A
-  row a writer was changing is read again.  Rows never move while a file is
-  live, so a key present for a whole read is always found.  That needs x86's
-  store order; on other CPUs (or on request) readers hold a shared lock for
-  each read instead (:mod:`npcalls.readlock`).
-* Growth and tombstone compaction build a new file and rename it over the
-  path; the old file is marked RETIRED first.  A process notices at its next
-  operation and re-attaches; a reader in the middle of a batch finishes on the
-  old mapping, which no writer touches any more.
+This module holds the handle's state (the current mapping, the lock, the
+read mode), checks arguments and calls the layers: :mod:`npcalls.single`
+(start/stop/remove/get, a base class), :mod:`npcalls.batching`,
+:mod:`npcalls.scan`, :mod:`npcalls.maintenance`, :mod:`npcalls.lifecycle`.
 """
 
 from __future__ import annotations
