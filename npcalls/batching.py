@@ -22,9 +22,11 @@ from . import probe, protocol
 from .crashpoints import crashpoint
 from .layout import NOT_SET, W
 from .probe import rows_equal
+from .readlock import SharedReadLock
 from .storage import Mapping
 
-__all__ = ["bucket_order", "Groups", "group_sorted", "record_locked", "remove_locked"]
+__all__ = ["bucket_order", "Groups", "group_sorted", "record_locked", "remove_locked",
+           "lookup_read"]
 
 _W_COUNT, _W_TOMB = W["count"], W["tombstones"]
 _W_NSTART, _W_NSTOP = W["n_started"], W["n_stopped"]
@@ -208,3 +210,31 @@ def remove_locked(m: Mapping, w: int, tag: np.ndarray, keyq: np.ndarray) -> tupl
         with protocol.Operation(m.q, w):
             protocol.free_slots(m, w, f.slot[hit])
     return rep[hit], f.rounds
+
+
+def lookup_read(live_mapping: Callable[[], Mapping], rl: SharedReadLock | None, tag: np.ndarray,
+                keyq: np.ndarray, stuck_ok: Callable[[], bool]) -> probe.Found:
+    """A reader's batch lookup (``get_many``): lock-free, or under ``rl`` per slice of keys."""
+    if rl is None:
+        return probe.lookup(live_mapping(), tag, keyq, consistent=True,
+                            want_rows=True, stuck_ok=stuck_ok)
+    # Shared mode: under the shared lock no writer runs, so rows are read
+    # as they are; the lock is taken per slice so that writers wait for one
+    # slice at most, never for a whole large batch.
+    n = len(tag)
+    if n <= probe.CHUNK:
+        with rl:
+            return probe.lookup(live_mapping(), tag, keyq, consistent=False,
+                                want_rows=True)
+    slot = np.empty(n, np.int64)
+    start = np.empty(n, np.int64)
+    end = np.empty(n, np.int64)
+    rounds = 0
+    for c in range(0, n, probe.CHUNK):
+        sl = slice(c, c + probe.CHUNK)
+        with rl:
+            f = probe.lookup(live_mapping(), tag[sl], keyq[sl], consistent=False,
+                             want_rows=True)
+        slot[sl], start[sl], end[sl] = f.slot, f.start, f.end
+        rounds = max(rounds, f.rounds)
+    return probe.Found(slot, start, end, rounds)

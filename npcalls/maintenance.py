@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -42,8 +42,8 @@ from .layout import (
 )
 from .storage import Mapping, build_temp, open_mapping, same_file, stale_temp_files
 
-__all__ = ["CheckReport", "rebuild", "grow", "make_room", "expire", "check", "rebuild_refusal",
-           "sanitize_rows", "file_mode"]
+__all__ = ["CheckReport", "rebuild", "grow", "make_room", "expire", "check_header", "check",
+           "rebuild_refusal", "sanitize_rows", "file_mode"]
 
 _W_WSEQ, _W_COUNT, _W_TOMB, _W_STATE = W["wseq"], W["count"], W["tombstones"], W["state"]
 
@@ -219,6 +219,37 @@ def rebuild(path: str, m: Mapping, capacity: int,
     new.path = path
     protocol.close_op(m.q, w)
     return new, dropped
+
+
+def check_header(m: Mapping, settle: Callable[[], Mapping], notes: list, problems: list,
+                 repaired: list, repair: bool) -> Mapping:
+    """With the lock held, before :func:`check`: the header's state and writer sequence.
+
+    An unknown state, a retired file nothing replaced (docs/format.md,
+    "Rebuilding"), a writer sequence past 2**63 ("Writing"); ``settle`` gives
+    the mapping to write once the lock is the table's.  Returns the mapping
+    to check.
+    """
+    state = int(m.q[_W_STATE])
+    if state not in (STATE_LIVE, STATE_RETIRED, STATE_REMOVED):
+        problems.append(f"unknown table state {state} in the header")
+        if repair:
+            m.q[_W_STATE] = STATE_LIVE
+            repaired.append("reset the header state to live")
+    else:
+        m = settle()
+        if repair and m.q[_W_STATE] == STATE_RETIRED:
+            m.q[_W_STATE] = STATE_LIVE
+            repaired.append("made the table file live again (it was marked retired by "
+                            "a rebuild that died before replacing it)")
+    w = int(m.q[_W_WSEQ])
+    if w >= protocol.WSEQ_WRAP:
+        notes.append(f"the writer sequence {w} is past 2**63 (a corrupt header); the "
+                     "next writer renumbers it")
+        if repair:
+            protocol.renumber(m)
+            repaired.append("renumbered the writer sequence and row versions")
+    return m
 
 
 def check(path: str, m: Mapping, locked: bool, notes: list, problems: list, repaired: list,

@@ -39,9 +39,6 @@ from .layout import (
     DEFAULT_MAX_LOAD,
     FLAG_AUTO_GROW,
     NOT_SET,
-    STATE_LIVE,
-    STATE_REMOVED,
-    STATE_RETIRED,
     W,
     make_geometry,
 )
@@ -59,7 +56,6 @@ from .scan import Counters, Stats  # noqa: E402  (re-exported)
 _T = TypeVar("_T")
 _W_STATE, _W_WSEQ, _W_COUNT = W["state"], W["wseq"], W["count"]
 _W_LOCK = W["lock_ino"]
-_WSEQ_WRAP = protocol.WSEQ_WRAP  # a writer sequence this high is renumbered
 
 
 class GetManyResult(NamedTuple):
@@ -516,30 +512,7 @@ class CallTable(SingleKeyOps):
 
     def _lookup_read(self, tag: np.ndarray, keyq: np.ndarray) -> probe.Found:
         """A reader's batch lookup, in this handle's read mode."""
-        rl = self._rl
-        if rl is None:
-            return probe.lookup(self._live_mapping(), tag, keyq, consistent=True,
-                                want_rows=True, stuck_ok=self._stuck_ok)
-        # Shared mode: under the shared lock no writer runs, so rows are read
-        # as they are; the lock is taken per slice so that writers wait for one
-        # slice at most, never for a whole large batch.
-        n = len(tag)
-        if n <= probe.CHUNK:
-            with rl:
-                return probe.lookup(self._live_mapping(), tag, keyq, consistent=False,
-                                    want_rows=True)
-        slot = np.empty(n, np.int64)
-        start = np.empty(n, np.int64)
-        end = np.empty(n, np.int64)
-        rounds = 0
-        for c in range(0, n, probe.CHUNK):
-            sl = slice(c, c + probe.CHUNK)
-            with rl:
-                f = probe.lookup(self._live_mapping(), tag[sl], keyq[sl], consistent=False,
-                                 want_rows=True)
-            slot[sl], start[sl], end[sl] = f.slot, f.start, f.end
-            rounds = max(rounds, f.rounds)
-        return probe.Found(slot, start, end, rounds)
+        return batching.lookup_read(self._live_mapping, self._rl, tag, keyq, self._stuck_ok)
 
     def _stuck_ok(self) -> bool:
         return lock_holder(self._lock_path) is None
@@ -773,26 +746,8 @@ class CallTable(SingleKeyOps):
             return maintenance.check(self._path, self._live_mapping(), False, notes, problems,
                                      repaired, False)[0]
         with lock:
-            m = self._m
-            state = int(m.q[_W_STATE])
-            if state not in (STATE_LIVE, STATE_RETIRED, STATE_REMOVED):
-                problems.append(f"unknown table state {state} in the header")
-                if repair:
-                    m.q[_W_STATE] = STATE_LIVE
-                    repaired.append("reset the header state to live")
-            else:
-                m = self._settled_locked()
-                if repair and m.q[_W_STATE] == STATE_RETIRED:
-                    m.q[_W_STATE] = STATE_LIVE
-                    repaired.append("made the table file live again (it was marked retired by "
-                                    "a rebuild that died before replacing it)")
-            w = int(m.q[_W_WSEQ])
-            if w >= _WSEQ_WRAP:
-                notes.append(f"the writer sequence {w} is past 2**63 (a corrupt header); the "
-                             "next writer renumbers it")
-                if repair:
-                    protocol.renumber(m)
-                    repaired.append("renumbered the writer sequence and row versions")
+            m = maintenance.check_header(self._m, self._settled_locked, notes, problems, repaired,
+                                         repair)
             report, new = maintenance.check(self._path, m, True, notes, problems, repaired,
                                             repair)
             if new is not None:
