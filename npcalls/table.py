@@ -173,8 +173,12 @@ class CallTable(SingleKeyOps):
         started on).  It is unmapped when the last reference to it goes.
         """
         with self._swap:
-            self._m = m
+            # The single-key view first, the mapping last: get() on another
+            # thread that sees the new mapping in _m re-reads through _fast, which
+            # must then be the new one already (else it recursed until this
+            # thread ran again: a RecursionError under load).
             self._set_geometry(m)
+            self._m = m
 
     @classmethod
     def create(cls, name_or_path: str | os.PathLike, capacity: int, key_width: int = 64,
