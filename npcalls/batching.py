@@ -26,9 +26,18 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from . import probe, protocol
+from .crashpoints import crashpoint
+from .layout import NOT_SET, W
 from .probe import rows_equal
+from .readlock import SharedReadLock
+from .storage import Mapping
 
-__all__ = ["bucket_order", "Groups", "group_sorted", "SLICE", "as_batch", "run_in_slices"]
+__all__ = ["bucket_order", "Groups", "group_sorted", "record_locked", "remove_locked",
+           "lookup_read", "SLICE", "as_batch", "run_in_slices"]
+
+_W_COUNT, _W_TOMB = W["count"], W["tombstones"]
+_W_NSTART, _W_NSTOP = W["n_started"], W["n_stopped"]
 
 _U = np.uint64
 
@@ -155,3 +164,126 @@ def run_in_slices(n: int, size: int,
             bad.append(np.asarray(sbad, np.intp) + a)
             reasons.extend(sreasons)
     return (np.concatenate(bad) if bad else np.empty(0, np.intp)), reasons
+def record_locked(m: Mapping, w: int, idx: np.ndarray | None, keyq: np.ndarray, tag: np.ndarray,
+                  sv: np.ndarray | None, ev: np.ndarray | None, insert: bool,
+                  started: np.ndarray, ended: np.ndarray,
+                  make_room: Callable[[Mapping, int], tuple[Mapping, int]]) -> int:
+    """Record a batch's start (``sv``) and end (``ev``) times, exactly as the same single
+    operations in batch order would (lock held; ``w`` the even writer sequence).
+
+    ``idx``: the batch positions to apply (None: all); ``started`` and
+    ``ended`` are set True where this batch recorded a time; ``make_room``
+    grows or compacts the table for the new keys and returns the mapping and
+    writer sequence to use.  Returns the probe rounds taken.
+    """
+    t = tag if idx is None else tag[idx]
+    kq = keyq if idx is None else keyq[idx]
+    grp = group_sorted(t, kq)
+    o = grp.order
+    rep = o[grp.first]                  # position of each key's first row
+    rt = t[rep]
+    while True:
+        f = probe.lookup(m, rt, kq, consistent=False, want_rows=True, key_index=rep)
+        found = f.slot >= 0
+        new_groups = np.flatnonzero(~found) if insert else np.empty(0, np.int64)
+        if not len(new_groups):
+            break
+        m2, w = make_room(m, len(new_groups))
+        if m2 is m:
+            break
+        m = m2                          # rebuilt: slots moved, look again
+    rounds = f.rounds
+    q = m.q
+    seq_odd = w + 1
+    protocol.open_op(q, w)
+    gid = grp.group
+    ngroups = len(rep)
+    new_vals = {1: np.full(ngroups, NOT_SET, np.int64), 2: np.full(ngroups, NOT_SET, np.int64)}
+    upd_vals = {1: np.full(ngroups, NOT_SET, np.int64), 2: np.full(ngroups, NOT_SET, np.int64)}
+    for vals, col, out, counter in ((sv, 1, started, _W_NSTART), (ev, 2, ended, _W_NSTOP)):
+        if vals is None:
+            continue
+        v = (vals if idx is None else vals[idx])[o]     # sorted batch order
+        rows = np.flatnonzero(v != NOT_SET)
+        if not len(rows):
+            continue
+        g = gid[rows]
+        lead = np.ones(len(rows), bool)
+        lead[1:] = g[1:] != g[:-1]
+        win, wg = rows[lead], g[lead]   # the first row with a value, per key
+        fnd = found[wg]
+        cur = (f.start if col == 1 else f.end)[wg]
+        upd = fnd & (cur == NOT_SET)
+        if upd.any():
+            protocol.set_fields(m, f.slot[wg[upd]], col, v[win[upd]], seq_odd)
+            upd_vals[col][wg[upd]] = v[win[upd]]
+        rec = upd
+        if insert:
+            new_vals[col][wg[~fnd]] = v[win[~fnd]]
+            rec = upd | ~fnd
+        hit_rows = o[win[rec]]
+        out[hit_rows if idx is None else idx[hit_rows]] = True
+        q[counter] += int(np.count_nonzero(rec))
+    # Calls that got their second time in this batch enter the duration histogram.
+    s_old = np.where(found, f.start, NOT_SET)
+    e_old = np.where(found, f.end, NOT_SET)
+    s_new = np.where(s_old != NOT_SET, s_old, np.where(found, upd_vals[1], new_vals[1]))
+    e_new = np.where(e_old != NOT_SET, e_old, np.where(found, upd_vals[2], new_vals[2]))
+    done = (s_new != NOT_SET) & (e_new != NOT_SET) & ((s_old == NOT_SET) | (e_old == NOT_SET))
+    if done.any():
+        protocol.observe_durations(q, e_new[done] - s_new[done])
+    crashpoint("batch-fields-set")
+    if len(new_groups):
+        fields = kq.view(f"S{m.geometry.key_field}").reshape(len(kq))
+        _, pr, reused = probe.place(m, rt[new_groups], fields, rep[new_groups],
+                                    new_vals[1][new_groups], new_vals[2][new_groups], seq_odd)
+        rounds += pr
+        crashpoint("batch-placed")
+        q[_W_COUNT] += len(new_groups)
+        q[_W_TOMB] -= reused
+    protocol.close_op(q, w)
+    return rounds
+
+
+def remove_locked(m: Mapping, w: int, tag: np.ndarray, keyq: np.ndarray) -> tuple[np.ndarray, int]:
+    """Remove the keys of a batch that are present (lock held; ``w`` the even writer sequence).
+
+    Returns the batch positions that removed a key (a key's first
+    occurrence) and the probe rounds taken.
+    """
+    grp = group_sorted(tag, keyq)
+    rep = grp.order[grp.first]
+    f = probe.lookup(m, tag[rep], keyq, consistent=False, want_rows=False, key_index=rep)
+    hit = np.flatnonzero(f.slot >= 0)
+    if len(hit):
+        with protocol.Operation(m.q, w):
+            protocol.free_slots(m, w, f.slot[hit])
+    return rep[hit], f.rounds
+
+
+def lookup_read(live_mapping: Callable[[], Mapping], rl: SharedReadLock | None, tag: np.ndarray,
+                keyq: np.ndarray, stuck_ok: Callable[[], bool]) -> probe.Found:
+    """A reader's batch lookup (``get_many``): lock-free, or under ``rl`` per slice of keys."""
+    if rl is None:
+        return probe.lookup(live_mapping(), tag, keyq, consistent=True,
+                            want_rows=True, stuck_ok=stuck_ok)
+    # Shared mode: under the shared lock no writer runs, so rows are read
+    # as they are; the lock is taken per slice so that writers wait for one
+    # slice at most, never for a whole large batch.
+    n = len(tag)
+    if n <= probe.CHUNK:
+        with rl:
+            return probe.lookup(live_mapping(), tag, keyq, consistent=False,
+                                want_rows=True)
+    slot = np.empty(n, np.int64)
+    start = np.empty(n, np.int64)
+    end = np.empty(n, np.int64)
+    rounds = 0
+    for c in range(0, n, probe.CHUNK):
+        sl = slice(c, c + probe.CHUNK)
+        with rl:
+            f = probe.lookup(live_mapping(), tag[sl], keyq[sl], consistent=False,
+                             want_rows=True)
+        slot[sl], start[sl], end[sl] = f.slot, f.start, f.end
+        rounds = max(rounds, f.rounds)
+    return probe.Found(slot, start, end, rounds)

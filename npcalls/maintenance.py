@@ -1,31 +1,36 @@
-"""Rebuilding and checking a table: the maintenance side of CallTable.
+"""Maintenance of a table: rebuild, grow, compact, make room, expire, check.
 
-* :func:`rebuild_locked` copies the live rows into a new file (growth,
-  compaction, repair) and switches every process to it (docs/format.md,
-  "Rebuilding").
-* :func:`check_locked` verifies the invariants and repairs what can be
-  repaired; :class:`CheckReport` is what it finds.
+* :func:`rebuild` copies the live rows into a new file (growth, compaction,
+  repair) and retires the old one (docs/format.md, "Rebuilding: growth and
+  compaction"); :func:`grow` and :func:`make_room` (the policy of
+  docs/format.md, "Hashing and probing": grow when full, compact when
+  tombstones or the load near the capacity) decide when.
+* :func:`expire` removes calls past a cutoff.
+* :func:`check` verifies the invariants and repairs what can be repaired;
+  :class:`CheckReport` is what it finds.
 
-Both run with the writer lock held, on behalf of a :class:`CallTable`
-(``t``), whose private state they use.
+Each works on a mapping (and its path) with the writer lock held, and
+returns the rebuilt mapping when it made one: the caller
+(:class:`~npcalls.CallTable`) switches its handle to it.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from . import probe, protocol
 from .batching import bucket_order, group_sorted
 from .crashpoints import crashpoint
-from .errors import NpcallsError
+from .errors import NpcallsError, TableFullError
 from .hashing import tags_of
 from .keys import encode_keys
 from .layout import (
     DURATION_WORDS,
+    MAX_CAPACITY,
     NOT_SET,
     STATE_LIVE,
     STATE_REMOVED,
@@ -33,11 +38,12 @@ from .layout import (
     TOMBSTONE,
     W,
     make_geometry,
+    snapshot_dtype,
 )
 from .storage import Mapping, build_temp, open_mapping, same_file, stale_temp_files
 
-__all__ = ["CheckReport", "rebuild_locked", "rebuild_refusal", "check_locked", "sanitize_rows",
-           "file_mode"]
+__all__ = ["CheckReport", "rebuild", "grow", "make_room", "expire", "check_header", "check",
+           "rebuild_refusal", "sanitize_rows", "file_mode"]
 
 _W_WSEQ, _W_COUNT, _W_TOMB, _W_STATE = W["wseq"], W["count"], W["tombstones"], W["state"]
 
@@ -137,15 +143,17 @@ def sanitize_rows(fields: np.ndarray, starts: np.ndarray, ends: np.ndarray,
     return fields, starts, ends, tags, dropped
 
 
-def rebuild_locked(t: Any, m: Mapping, capacity: int, rehash: bool = False) -> list[str]:
-    """Copy every live row into a new file of ``capacity`` slots and switch to it.
+def rebuild(path: str, m: Mapping, capacity: int,
+            rehash: bool = False) -> tuple[Mapping, list[str]]:
+    """Copy every live row of ``m`` into a new file of ``capacity`` slots, renamed over ``path``.
 
-    With ``rehash`` (repair), tags are recomputed from the keys instead of
-    trusted, rows whose key is invalid are dropped and duplicate keys are
-    merged (first start and first end kept); returns what was dropped.
+    Lock held.  Returns the new file's mapping (the caller switches to it;
+    ``m`` is left RETIRED) and, with ``rehash`` (repair: tags recomputed from
+    the keys instead of trusted, rows whose key is invalid dropped, duplicate
+    keys merged keeping the first start and first end), what was dropped.
     """
     g = m.geometry
-    refusal = rebuild_refusal(t._path, m)
+    refusal = rebuild_refusal(path, m)
     if refusal:
         raise NpcallsError(refusal)
     st = os.fstat(m.fd)
@@ -171,7 +179,7 @@ def rebuild_locked(t: Any, m: Mapping, capacity: int, rehash: bool = False) -> l
             raise ValueError(f"capacity {capacity} cannot hold the {len(tags)} calls present "
                              f"at max load {g.max_load}")
         mode = stat.S_IMODE(st.st_mode)
-        tmp = build_temp(t._path, ng, mode)
+        tmp = build_temp(path, ng, mode)
         if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
             # the file replaces the table: it keeps the table's owner and group
             # (chown may drop set-id bits: the mode is set again after it)
@@ -193,7 +201,7 @@ def rebuild_locked(t: Any, m: Mapping, capacity: int, rehash: bool = False) -> l
             m.q[_W_STATE] = STATE_RETIRED
             retired = True
             crashpoint("rebuild-retired")
-            os.rename(tmp, t._path)
+            os.rename(tmp, path)
             renamed = True
         except BaseException:
             new.close()
@@ -208,18 +216,54 @@ def rebuild_locked(t: Any, m: Mapping, capacity: int, rehash: bool = False) -> l
             m.q[_W_STATE] = STATE_LIVE      # nothing replaced it: it is still the table
         protocol.close_op(m.q, w)
         raise
-    new.path = t._path
+    new.path = path
     protocol.close_op(m.q, w)
-    t._install(new)
-    return dropped
+    return new, dropped
 
 
-def check_locked(t: Any, m: Mapping, notes: list, problems: list, repaired: list,
-                 repair: bool) -> CheckReport:
+def check_header(m: Mapping, settle: Callable[[], Mapping], notes: list, problems: list,
+                 repaired: list, repair: bool) -> Mapping:
+    """With the lock held, before :func:`check`: the header's state and writer sequence.
+
+    An unknown state, a retired file nothing replaced (docs/format.md,
+    "Rebuilding"), a writer sequence past 2**63 ("Writing"); ``settle`` gives
+    the mapping to write once the lock is the table's.  Returns the mapping
+    to check.
+    """
+    state = int(m.q[_W_STATE])
+    if state not in (STATE_LIVE, STATE_RETIRED, STATE_REMOVED):
+        problems.append(f"unknown table state {state} in the header")
+        if repair:
+            m.q[_W_STATE] = STATE_LIVE
+            repaired.append("reset the header state to live")
+    else:
+        m = settle()
+        if repair and m.q[_W_STATE] == STATE_RETIRED:
+            m.q[_W_STATE] = STATE_LIVE
+            repaired.append("made the table file live again (it was marked retired by "
+                            "a rebuild that died before replacing it)")
+    w = int(m.q[_W_WSEQ])
+    if w >= protocol.WSEQ_WRAP:
+        notes.append(f"the writer sequence {w} is past 2**63 (a corrupt header); the "
+                     "next writer renumbers it")
+        if repair:
+            protocol.renumber(m)
+            repaired.append("renumbered the writer sequence and row versions")
+    return m
+
+
+def check(path: str, m: Mapping, locked: bool, notes: list, problems: list, repaired: list,
+          repair: bool) -> tuple[CheckReport, Mapping | None]:
+    """Verify the invariants of ``m`` (see :meth:`CallTable.check`); with ``repair``, fix.
+
+    ``locked``: the caller holds the writer lock (a read-only handle checks
+    without it; counts a writer is changing are then notes, not problems).
+    Returns the report and the rebuilt mapping if the repair rebuilt the table.
+    """
     g = m.geometry
     q = m.q
     w = int(q[_W_WSEQ])
-    crashed = bool(w & 1) and t._lock is not None
+    crashed = bool(w & 1) and locked
     if crashed:
         notes.append("a writer died in the middle of an operation; the next writer "
                      "finishes its recovery automatically")
@@ -251,10 +295,10 @@ def check_locked(t: Any, m: Mapping, notes: list, problems: list, repaired: list
     if len(live) != int(q[_W_COUNT]) or n_tomb != int(q[_W_TOMB]):
         msg = (f"header counts {int(q[_W_COUNT])} calls / {int(q[_W_TOMB])} tombstones, "
                f"the slots hold {len(live)} / {n_tomb}")
-        (notes if crashed or t._lock is None else problems).append(msg)
+        (notes if crashed or not locked else problems).append(msg)
     if len(live) > g.limit:
         problems.append(f"{len(live)} calls exceed the table's limit of {g.limit}")
-    stale = stale_temp_files(t._path)
+    stale = stale_temp_files(path)
     if stale:
         notes.append(f"{len(stale)} temporary file(s) left by a dead rebuilder: "
                      + ", ".join(stale))
@@ -280,7 +324,7 @@ def check_locked(t: Any, m: Mapping, notes: list, problems: list, repaired: list
                         f"bucket{what} (first at slot {int(live[lost[0]])})")
     if q[_W_STATE] == STATE_REMOVED:
         problems.append("the table was removed (unlinked)")
-    elif q[_W_STATE] == STATE_RETIRED and same_file(t._path, m.inode):
+    elif q[_W_STATE] == STATE_RETIRED and same_file(path, m.inode):
         # like a crashed writer's leftovers: the next writer fixes it on its own
         notes.append("the table file is marked retired but nothing replaced it (a rebuild "
                         "died between retiring it and renaming the new file into place); "
@@ -288,7 +332,7 @@ def check_locked(t: Any, m: Mapping, notes: list, problems: list, repaired: list
                         "makes it live again")
     if repair and (crashed or stale or problems or (odd and not crashed)):
         if crashed or odd:
-            protocol.recover(m, t._path)
+            protocol.recover(m, path)
             repaired.append("finished the recovery of a crashed writer")
         elif stale:
             for p in stale:
@@ -297,11 +341,87 @@ def check_locked(t: Any, m: Mapping, notes: list, problems: list, repaired: list
                 except OSError:
                     pass
             repaired.append(f"removed {len(stale)} stale temporary file(s)")
+        new = None
         if problems:
-            dropped = t._rebuild_locked(t._m, g.capacity, rehash=True)
+            new, dropped = rebuild(path, m, g.capacity, rehash=True)
+            m = new
             repaired.append("rebuilt the table from its keys" +
                             (": " + "; ".join(dropped) if dropped else ""))
-        again = check_locked(t, t._m, [], [], [], False)
+        again, _ = check(path, m, locked, [], [], [], False)
         return CheckReport(again.ok, again.problems, notes + again.notes, repaired,
-                           len(t._m.tags[t._m.tags >= 2]))
-    return CheckReport(not problems, problems, notes, repaired, len(live))
+                           len(m.tags[m.tags >= 2])), new
+    return CheckReport(not problems, problems, notes, repaired, len(live)), None
+
+
+def grow(path: str, m: Mapping, capacity: int) -> Mapping:
+    """Rebuild at ``capacity`` (the current one: compaction), if it holds the calls present."""
+    g = m.geometry
+    if capacity < int(m.q[_W_COUNT]) / g.max_load:
+        raise ValueError(f"capacity {capacity} cannot hold the {int(m.q[_W_COUNT])} calls "
+                         f"present at max load {g.max_load}")
+    return rebuild(path, m, capacity)[0]
+
+
+def make_room(path: str, m: Mapping, needed: int) -> Mapping | None:
+    """Ensure ``needed`` more rows fit in ``m``: grow or compact it, or raise TableFullError.
+
+    Lock held.  Returns the rebuilt mapping, or None if ``m`` takes the rows as it is.
+    """
+    g = m.geometry
+    q = m.q
+    count, tomb = int(q[_W_COUNT]), int(q[_W_TOMB])
+    if count + needed > g.limit:
+        if not g.auto_grow:
+            raise TableFullError(count, needed, g.capacity, g.limit, path)
+        refusal = rebuild_refusal(path, m)
+        if refusal:
+            raise NpcallsError(f"table {path} is full and cannot grow automatically: "
+                               f"{refusal}")
+        new_cap = g.capacity
+        while (count + needed) > new_cap * g.max_load_ppm // 1_000_000:
+            new_cap *= 2
+        if new_cap > MAX_CAPACITY:          # as full as a table gets (or a corrupt count)
+            raise TableFullError(count, needed, g.capacity, g.limit, path)
+        return rebuild(path, m, new_cap)[0]
+    if ((count + tomb + needed > (g.limit + g.capacity) // 2 or tomb > probe.tomb_limit(g))
+            and rebuild_refusal(path, m) is None):
+        # Tombstones (only ever left in buckets that were once full) lengthen
+        # the walks of lookups for absent keys; rebuild before they matter.
+        # A writer that may not rebuild the file (another user's, see
+        # rebuild_refusal) leaves that to its owner and inserts into a free slot.
+        return rebuild(path, m, g.capacity)[0]
+    return None
+
+
+def expire(path: str, m: Mapping, w: int, ended_before: int | None, started_before: int | None,
+           return_rows: bool) -> tuple[int | np.ndarray, Mapping | None]:
+    """Remove the calls that ended before ``ended_before`` or started before ``started_before``
+    without an end (see :meth:`CallTable.expire`); lock held, ``w`` the even writer sequence.
+
+    Returns their number (or rows) and the rebuilt mapping if the tombstones
+    they left made this writer compact the table.
+    """
+    g = m.geometry
+    live = np.flatnonzero(m.tags >= 2)
+    st = m.rowq[live, 1].view(np.int64)
+    en = m.rowq[live, 2].view(np.int64)
+    mask = np.zeros(len(live), bool)
+    if ended_before is not None:
+        mask |= (en != NOT_SET) & (en < ended_before)
+    if started_before is not None:
+        mask |= (en == NOT_SET) & (st != NOT_SET) & (st < started_before)
+    slots = live[mask]
+    out = None
+    if return_rows:
+        out = np.empty(len(slots), snapshot_dtype(g.key_width))
+        out["start"], out["end"] = st[mask], en[mask]
+        keys = np.ascontiguousarray(m.rowq[slots, 3:]).view(f"S{g.key_field}")
+        out["key"] = keys.reshape(len(slots))
+    new = None
+    if len(slots):
+        with protocol.Operation(m.q, w):
+            protocol.free_slots(m, w, slots)
+        crashpoint("expire-removed")
+        if int(m.q[_W_TOMB]) > probe.tomb_limit(g) and rebuild_refusal(path, m) is None:
+            new = rebuild(path, m, g.capacity)[0]
+    return (out if out is not None else len(slots)), new

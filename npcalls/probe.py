@@ -1,30 +1,21 @@
-"""Vectorized open addressing over a mapped table: batch lookup and batch placement.
+"""Finding keys: vectorized batch lookup and placement, and the single-key walk.
 
-The table (docs/format.md) is an array of ``nbuckets`` buckets of 8 slots.  A
-key's *home bucket* is ``(tag >> 32) * nbuckets >> 32`` (multiply-shift range
-reduction: no modulo, any bucket count, and monotonic in the tag, which the
-batch placement relies on).  A key lives in its home bucket or, if that bucket
-was full when the key was inserted, in one of the following buckets (linear
-probing over buckets, wrapping at the end).
-
-The invariant that makes lookups stop early (docs/format.md, "Hashing and
-probing"): no live key's walk, from its home bucket to the bucket holding
-it, passes a bucket that holds an EMPTY slot.  A lookup therefore stops at
-the first bucket holding its key or an EMPTY slot.  A delete may make its
-slot EMPTY again, and even reclaim a full bucket's tombstones, whenever no
-walk can pass the bucket (:func:`remove_slots` says when); otherwise it
-leaves a TOMBSTONE, which lookups walk past and inserts reuse.
+The rules are docs/format.md, "Hashing and probing": a key's home bucket
+(:mod:`npcalls.buckets`), linear probing over 8-slot buckets, and the
+invariant that lets a lookup stop at the first bucket holding its key or an
+EMPTY slot.  Deletes (:func:`npcalls.protocol.remove_slots`) keep it.
 
 A *round* of a batch operation looks at one bucket for every pending key at
 once: one gather of 64-byte tag lines, an 8-wide compare, a gather of the
 candidate rows.  With 8-slot buckets nearly every key resolves in its home
 bucket; the benchmark prints the rounds each batch took.
 
-Row writes follow the order of docs/format.md, "Writing": the row's ``seq``
-becomes odd, then the payload is written, then the tag is published, then
-``seq`` becomes even.  Batch lookups read rows by the one-read rule of
-"Reading without a lock" (``wseq`` before, each row's ``seq`` after);
-:func:`find_one` serves writers, which hold the lock and need no check.
+Batch lookups read rows by the one-read rule of docs/format.md, "Reading
+without a lock" (:func:`row_is_stable`); :func:`place` writes through
+:func:`npcalls.protocol.write_rows`.  One mechanism, two front doors: the
+vectorized :func:`lookup`/:func:`place`, and :func:`find_one` for one key
+(writers, which hold the lock and need no check), over a
+:class:`SingleKeyView`.
 """
 
 from __future__ import annotations
@@ -35,32 +26,18 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from .buckets import _bool_words, home_bucket, home_bucket_one
 from .layout import BUCKET, EMPTY, NOT_SET, TOMBSTONE, W
+from .protocol import write_rows
 from .storage import Mapping
 
 __all__ = ["SingleKeyView", "home_bucket", "home_bucket_one", "lookup", "place", "Found", "rows_equal",
-           "row_is_stable", "overversioned",
-           "remove_slots", "probe_lengths", "find_one", "free_one", "tomb_limit"]
+           "row_is_stable", "overversioned", "probe_lengths", "find_one", "tomb_limit"]
 
 _U = np.uint64
 _ONE = _U(1)
 _WSEQ_INDEX = W["wseq"]
 _TAGS8 = struct.Struct("<8Q")     # one bucket's tags, for the single-key paths
-
-
-def home_bucket(tags: np.ndarray, nbuckets: int) -> np.ndarray:
-    """Home bucket of each tag (int64 array)."""
-    return ((tags >> _U(32)) * _U(nbuckets) >> _U(32)).astype(np.int64)
-
-
-def home_bucket_one(tag: int, nbuckets: int) -> int:
-    """Home bucket of one tag."""
-    return ((tag >> 32) * nbuckets) >> 32
-
-
-def _bool_words(mask8: np.ndarray) -> np.ndarray:
-    """View an (m, 8) boolean matrix as m uint64 words (byte j = column j, 0x01 if True)."""
-    return np.ascontiguousarray(mask8).view(_U).reshape(len(mask8))
 
 
 def _byte_index(words: np.ndarray) -> np.ndarray:
@@ -309,30 +286,6 @@ def _scan_bucket(m: Mapping, i: int, bucket: int, tag: int, want: np.ndarray, sl
     return _RETRY if busy else _NOT_HERE
 
 
-def write_rows(m: Mapping, s: np.ndarray, tag: np.ndarray, fields: np.ndarray,
-               start: np.ndarray, end: np.ndarray, seq_odd: int) -> None:
-    """Write complete rows into free slots ``s`` and publish them (seqlock order).
-
-    Field by field rather than as whole rows: building whole rows first would
-    copy every key once more.
-    """
-    seq = m.seqcol
-    rowq = m.rowq
-    seq[s] = seq_odd                     # 1. the rows are being written
-    rowq[s, 1] = start.view(_U)          # 2. payload
-    rowq[s, 2] = end.view(_U)
-    m.rows["key"][s] = fields
-    m.tags[s] = tag                      # 3. publish
-    seq[s] = seq_odd + 1                 # 4. stable again
-
-
-def set_field(m: Mapping, s: np.ndarray, column: int, values: np.ndarray, seq_odd: int) -> None:
-    """Overwrite start (column 1) or end (column 2) of existing rows, seqlock order."""
-    m.seqcol[s] = seq_odd
-    m.rowq[s, column] = values.view(_U)
-    m.seqcol[s] = seq_odd + 1
-
-
 def place(m: Mapping, tag: np.ndarray, fields: np.ndarray, key_index: np.ndarray,
           start: np.ndarray, end: np.ndarray, seq_odd: int) -> tuple[np.ndarray, int, int]:
     """:func:`_place` in slices of :data:`CHUNK` keys.
@@ -419,46 +372,6 @@ def _place(m: Mapping, tag: np.ndarray, fields: np.ndarray, key_index: np.ndarra
     return slots, rounds, reused
 
 
-def remove_slots(m: Mapping, s: np.ndarray, seq_odd: int) -> int:
-    """Free distinct live slots; returns the change in the number of tombstones.
-
-    A freed slot becomes EMPTY when no live key's walk passes its bucket b:
-    certainly so if b holds an EMPTY slot (the invariant above), and also if
-    bucket b+1 holds an EMPTY slot and all of b+1's keys are at home (walks
-    are runs of consecutive buckets, so a walk past b would end in b+1 or go
-    through it).  In that second case b's old tombstones are reclaimed too.
-    Only otherwise is a TOMBSTONE left.  Churn thus leaves few tombstones, and
-    compaction (a rebuild) clears the rest when they pass 1/16 of the slots.
-
-    The tag changes happen inside an odd-seq window like every other change,
-    so a snapshot that copied a row while it was removed notices.
-    """
-    nb = m.geometry.nbuckets
-    buckets = s // BUCKET
-    blk = np.take(m.tags2d, buckets, axis=0)
-    has_empty = _bool_words(blk == EMPTY) != 0
-    clean = has_empty.copy()
-    full = np.flatnonzero(~has_empty)
-    if len(full) and nb > 1:
-        nxt = (buckets[full] + 1) % nb
-        nblk = np.take(m.tags2d, nxt, axis=0)
-        away = (nblk >= 2) & (home_bucket(nblk.ravel(), nb).reshape(nblk.shape) != nxt[:, None])
-        clean[full] = (_bool_words(nblk == EMPTY) != 0) & (_bool_words(away) == 0)
-    reclaim = np.unique(buckets[clean & ~has_empty])      # full buckets no walk passes
-    m.seqcol[s] = seq_odd
-    m.tags[s] = np.where(clean, _U(EMPTY), _U(TOMBSTONE))
-    cleared = 0
-    if len(reclaim):
-        rb = np.take(m.tags2d, reclaim, axis=0)
-        tomb = np.flatnonzero((rb == TOMBSTONE).ravel())
-        if len(tomb):
-            slots = reclaim[tomb // BUCKET] * BUCKET + tomb % BUCKET
-            m.tags[slots] = _U(EMPTY)
-            cleared = len(slots)
-    m.seqcol[s] = seq_odd + 1
-    return int(np.count_nonzero(~clean)) - cleared
-
-
 def probe_lengths(m: Mapping) -> np.ndarray:
     """For every live slot, how many buckets a lookup of its key visits (1 = home bucket)."""
     tags = m.tags
@@ -480,35 +393,6 @@ def tomb_limit(g: Any) -> int:
     table: some EMPTY slots must remain for lookups of absent keys to stop.
     """
     return min(g.capacity >> 4, (g.capacity - g.limit) // 2)
-
-
-def free_one(m: Mapping, slot: int) -> int:
-    """Free one live slot (lock held, row seq odd): :func:`remove_slots` for one key.
-
-    Returns the change in the number of tombstones.
-    """
-    g = m.geometry
-    nb = g.nbuckets
-    q = m.q
-    b = slot >> 3
-    tw = g.tags_offset >> 3
-    blk = _TAGS8.unpack_from(m.mv, g.tags_offset + (b << 6))
-    if 0 in blk:
-        q[tw + slot] = 0
-        return 0
-    c = b + 1 if b + 1 < nb else 0
-    nxt = _TAGS8.unpack_from(m.mv, g.tags_offset + (c << 6))
-    if nb > 1 and 0 in nxt and all(t < 2 or ((t >> 32) * nb) >> 32 == c for t in nxt):
-        # no walk passes bucket b: free the slot and b's old tombstones
-        q[tw + slot] = 0
-        cleared = 0
-        for j, t in enumerate(blk):
-            if t == TOMBSTONE:
-                q[tw + (b << 3) + j] = 0
-                cleared += 1
-        return -cleared
-    q[tw + slot] = TOMBSTONE
-    return 1
 
 
 class SingleKeyView(NamedTuple):

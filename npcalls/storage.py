@@ -29,7 +29,7 @@ from .errors import FormatError, NpcallsError, TableExistsError, TableNotFoundEr
 from .layout import BUCKET, HEADER_SIZE, Geometry, pack_header, parse_header, row_dtype
 
 __all__ = ["resolve", "pid_alive", "shm_dir", "Mapping", "build_temp", "link_into_place", "open_mapping",
-           "remove_files", "same_file", "stale_temp_files"]
+           "remove_files", "same_file", "stale_temp_files", "sweep_temps"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
 
@@ -311,6 +311,15 @@ def stale_temp_files(path: str) -> list[str]:
             if not pid_alive(pid):
                 out.append(os.path.join(d, n))
     return out
+
+
+def sweep_temps(path: str) -> None:
+    """Remove temporary files that dead creators or rebuilders left beside ``path``."""
+    for p in stale_temp_files(path):
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
 
 
 def pid_alive(pid: int) -> bool:

@@ -1,24 +1,16 @@
-"""CallTable: the shared-memory table of SIP calls.
+"""CallTable: the shared-memory table of SIP calls, the facade over the core's layers.
 
-Concurrency model (the LMDB shape: one writer at a time, readers never wait):
+The concurrency model is docs/format.md's (the LMDB shape: one writer at a
+time, readers never wait): writers serialise on the lock ("Writing"), take
+over the table as :mod:`npcalls.protocol` says, and write through it;
+readers take no lock ("Reading without a lock") unless the handle reads in
+the shared mode ("Read modes and platforms"); a rebuild ("Rebuilding")
+replaces the file and every handle follows it at its next operation.
 
-* Writers serialise on the writer lock (:mod:`npcalls.locking`).  Every write
-  operation makes the header word ``wseq`` odd while it runs and even when it
-  is done; a writer that finds it odd on taking the lock knows its
-  predecessor died mid-operation and repairs the table first
-  (:func:`npcalls.protocol.recover`).
-* Readers take no lock.  Each row carries a version word ``seq``; batch
-  reads and snapshots read ``wseq`` first and each row's ``seq`` after the
-  row (the one-read rule of docs/format.md, "Reading without a lock"), while
-  the single-key :meth:`CallTable.get` reads ``seq``, the row, ``seq``.  A
-  row a writer was changing is read again.  Rows never move while a file is
-  live, so a key present for a whole read is always found.  That needs x86's
-  store order; on other CPUs (or on request) readers hold a shared lock for
-  each read instead (:mod:`npcalls.readlock`).
-* Growth and tombstone compaction build a new file and rename it over the
-  path; the old file is marked RETIRED first.  A process notices at its next
-  operation and re-attaches; a reader in the middle of a batch finishes on the
-  old mapping, which no writer touches any more.
+This module holds the handle's state (the current mapping, the lock, the
+read mode), checks arguments and calls the layers: :mod:`npcalls.single`
+(start/stop/remove/get, a base class), :mod:`npcalls.batching`,
+:mod:`npcalls.scan`, :mod:`npcalls.maintenance`, :mod:`npcalls.lifecycle`.
 """
 
 from __future__ import annotations
@@ -29,141 +21,41 @@ import secrets
 import struct
 import threading
 import time
-from bisect import bisect_left as _bisect_left
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Generic, Iterator, NamedTuple, Sequence, TypeVar, overload
 
 import numpy as np
-import xxhash
 
-from . import batching, maintenance, probe, protocol
-from .batching import group_sorted
-from .crashpoints import crashpoint
+from . import batching, lifecycle, maintenance, probe, protocol, scan
 from .errors import (
     BatchKeyError,
     NpcallsError,
     ReadOnlyError,
     TableClosedError,
-    TableFullError,
     TableNotFoundError,
 )
 from .hashing import tags_of
-from .keys import EncodedKeys, encode_key, encode_keys
+from .keys import EncodedKeys, encode_keys
 from .layout import (
     DEFAULT_MAX_LOAD,
-    DURATION_BOUNDS_NS,
-    DURATION_BOUNDS_S,
     FLAG_AUTO_GROW,
-    LOCK_INO_OFFSET,
     NOT_SET,
-    STATE_LIVE,
-    STATE_REMOVED,
-    STATE_RETIRED,
-    TOMBSTONE,
     W,
     make_geometry,
-    snapshot_dtype,
 )
 from .locking import WriterLock, lock_holder
-from .locking import enter as _enter
-from .locking import leave as _leave
 from .readlock import SHARED, SharedReadLock, resolve_read_mode
-from .storage import (
-    Mapping,
-    build_temp,
-    link_into_place,
-    open_mapping,
-    remove_files,
-    resolve,
-    stale_temp_files,
-)
+from .single import SingleKeyOps
+from .storage import Mapping, open_mapping, resolve, sweep_temps
 from .timestamps import to_ns, to_ns_array
 
 __all__ = ["CallTable", "Stats", "Counters", "GetManyResult", "CheckReport"]
 
 from .maintenance import CheckReport  # noqa: E402  (re-exported)
+from .scan import Counters, Stats  # noqa: E402  (re-exported)
 
-_xxh = xxhash.xxh64_intdigest
-_time_ns = time.time_ns
-_TAGS8 = struct.Struct("<8Q")
-_I64_MAX = (1 << 63) - 1
-_W_STATE, _W_WSEQ, _W_COUNT, _W_TOMB = W["state"], W["wseq"], W["count"], W["tombstones"]
-_W_NSTART, _W_NSTOP, _W_NREM = W["n_started"], W["n_stopped"], W["n_removed"]
+_T = TypeVar("_T")
+_W_STATE, _W_WSEQ, _W_COUNT = W["state"], W["wseq"], W["count"]
 _W_LOCK = W["lock_ino"]
-_WSEQ_WRAP = protocol.WSEQ_WRAP  # a writer sequence this high is renumbered
-_SLOW = 1 | _WSEQ_WRAP      # wseq bits that send a write to the general path
-_W_DURSUM, _W_DUR0 = W["dur_sum_us"], W["dur_bucket_0"]
-_DUR_BOUNDS = np.array(DURATION_BOUNDS_NS, np.int64)
-_U64 = struct.Struct("<Q")
-_I64 = struct.Struct("<q")
-_DUR0_OFF, _DURSUM_OFF = _W_DUR0 * 8, _W_DURSUM * 8
-_M64 = 0xFFFFFFFFFFFFFFFF
-
-
-def _observe_duration(mv: memoryview, d: int) -> None:
-    """Count one call that now has both times (lock held; see docs/format.md).
-
-    On the single-key hot path: struct on the mapping's memoryview costs
-    about half of numpy scalar arithmetic on the header words.
-    """
-    off = _DUR0_OFF + (_bisect_left(DURATION_BOUNDS_NS, d) << 3)
-    _U64.pack_into(mv, off, (_U64.unpack_from(mv, off)[0] + 1) & _M64)
-    if d > 0:
-        _U64.pack_into(mv, _DURSUM_OFF, (_U64.unpack_from(mv, _DURSUM_OFF)[0] + d // 1000) & _M64)
-
-
-def _observe_durations(q: Any, d: np.ndarray) -> None:
-    """Count many calls that now have both times (lock held)."""
-    n = np.bincount(np.searchsorted(_DUR_BOUNDS, d, side="left"), minlength=len(_DUR_BOUNDS) + 1)
-    for i in np.flatnonzero(n):
-        q[_W_DUR0 + i] += int(n[i])
-    q[_W_DURSUM] += np.sum(np.maximum(d, 0) // 1000, dtype=np.uint64)
-
-
-class Counters(NamedTuple):
-    """What :meth:`CallTable.counters` reports: header words only, no pass over the rows."""
-
-    capacity: int
-    limit: int
-    count: int  # type: ignore[assignment]  # public field name; shadows tuple.count
-    tombstones: int
-    generation: int
-    n_started: int
-    n_stopped: int
-    n_removed: int
-    n_rebuilds: int
-    n_recoveries: int
-    duration_bounds_s: tuple[int, ...]
-    """Upper bounds of the duration buckets (seconds); a last bucket holds the rest."""
-    duration_buckets: tuple[int, ...]
-    """Calls per bucket (not cumulative), len(duration_bounds_s) + 1 entries."""
-    duration_sum_s: float
-
-
-class Stats(NamedTuple):
-    """What :meth:`CallTable.stats` reports."""
-
-    path: str
-    capacity: int
-    count: int  # type: ignore[assignment]  # public field name; shadows tuple.count
-    limit: int
-    load_factor: float
-    key_width: int
-    bytes_per_slot: int
-    file_bytes: int
-    tombstones: int
-    active: int
-    ended: int
-    end_only: int
-    max_probe: int
-    mean_probe: float
-    generation: int
-    n_started: int
-    n_stopped: int
-    n_removed: int
-    n_rebuilds: int
-    n_recoveries: int
-    auto_grow: bool
-    writer_pid: int | None
 
 
 class GetManyResult(NamedTuple):
@@ -174,7 +66,26 @@ class GetManyResult(NamedTuple):
     found: np.ndarray
 
 
-class CallTable:
+class _ReadOnly(Generic[_T]):
+    """A typed read-only attribute computed from the handle (a property without its boilerplate)."""
+
+    def __init__(self, get: Callable[[Any], _T], doc: str) -> None:
+        self._get = get
+        self.__doc__ = doc
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> "_ReadOnly[_T]": ...
+    @overload
+    def __get__(self, obj: object, owner: type) -> _T: ...
+
+    def __get__(self, obj: object, owner: type) -> "_T | _ReadOnly[_T]":
+        return self if obj is None else self._get(obj)
+
+    def __set__(self, obj: object, value: object) -> None:
+        raise AttributeError("read-only attribute")
+
+
+class CallTable(SingleKeyOps):
     """A table of SIP calls (Call-ID -> start, end) in shared memory.
 
     Do not instantiate directly: use :meth:`create`, :meth:`open` or
@@ -262,8 +173,12 @@ class CallTable:
         started on).  It is unmapped when the last reference to it goes.
         """
         with self._swap:
-            self._m = m
+            # The single-key view first, the mapping last: get() on another
+            # thread that sees the new mapping in _m re-reads through _fast, which
+            # must then be the new one already (else it recursed until this
+            # thread ran again: a RecursionError under load).
             self._set_geometry(m)
+            self._m = m
 
     @classmethod
     def create(cls, name_or_path: str | os.PathLike, capacity: int, key_width: int = 64,
@@ -307,30 +222,10 @@ class CallTable:
         resolve_read_mode(read_mode)          # a bad mode is refused before anything is made
         if seed is None:
             seed = secrets.randbits(64)
-        _sweep_temps(path)
+        sweep_temps(path)
         g = make_geometry(capacity, key_width, seed, max_load, time.time_ns(),
                           FLAG_AUTO_GROW if auto_grow else 0)
-        tmp = build_temp(path, g, mode)
-        crashpoint("create-built")
-        # The lock file exists before the table does, so that no writer can ever
-        # see a table without its lock.  A refused create leaves nothing behind.
-        try:
-            lock = WriterLock(lock_path, mode)
-            _stamp_lock(tmp, lock.inode)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        try:
-            link_into_place(tmp, path)
-        except BaseException:
-            lock.close()
-            if lock.created:
-                try:
-                    os.unlink(lock_path)
-                except FileNotFoundError:
-                    pass
-            raise
-        lock.close()
+        lifecycle.create_file(path, lock_path, g, mode)
         return cls.open(path, read_mode=read_mode)
 
     @classmethod
@@ -362,7 +257,7 @@ class CallTable:
         path, lock_path = resolve(name_or_path)
         m = open_mapping(path, readonly)
         if not readonly:
-            _sweep_temps(path)
+            sweep_temps(path)
         try:
             return cls(m, lock_path, readonly, read_mode)
         except BaseException:
@@ -373,7 +268,7 @@ class CallTable:
     def open_or_create(cls, name_or_path: str | os.PathLike, capacity: int,
                        key_width: int = 64, mode: int = 0o600, **kw: Any) -> "CallTable":
         """Attach to the table, creating it first if it does not exist (race-free)."""
-        from .errors import TableExistsError, TableNotFoundError
+        from .errors import TableExistsError
         for _ in range(10):
             try:
                 return cls.open(name_or_path, read_mode=kw.get("read_mode"))
@@ -393,39 +288,7 @@ class CallTable:
         (:class:`TableRemovedError`); their mappings stay valid until they
         close.  Returns True if the table existed.
         """
-        path, lock_path = resolve(name_or_path)
-        try:
-            m = open_mapping(path, readonly=False)
-        except NpcallsError:
-            return remove_files(path, lock_path)  # not a usable table: just remove the files
-        try:
-            st = os.fstat(m.fd)
-            lock = WriterLock(lock_path, st.st_mode & 0o7777, owner=(st.st_uid, st.st_gid))
-        except BaseException:
-            m.close()
-            raise
-        try:
-            lock.acquire()
-            try:
-                # Act on the file the path names now, with the lock that its
-                # writers take: a rebuild may have replaced the file while we
-                # waited, and the lock file may have moved.
-                while True:
-                    m.close()
-                    try:
-                        m = open_mapping(path, readonly=False)
-                    except TableNotFoundError:
-                        return remove_files(path, lock_path)
-                    if m.q[_W_LOCK] == lock.inode:
-                        break
-                    lock.settle(m.q, _W_LOCK)
-                m.q[_W_STATE] = STATE_REMOVED
-                return remove_files(path, lock_path)
-            finally:
-                lock.release()
-        finally:
-            lock.close()
-            m.close()
+        return lifecycle.unlink_table(*resolve(name_or_path))
 
     def close(self) -> None:
         """Detach.  Never removes the table: other processes keep using it."""
@@ -455,54 +318,19 @@ class CallTable:
 
     # ------------------------------------------------------------------ properties
 
-    @property
-    def path(self) -> str:
-        """The table's data file."""
-        return self._path
-
-    @property
-    def lock_path(self) -> str:
-        """The table's lock file."""
-        return self._lock_path
-
-    @property
-    def capacity(self) -> int:
-        """Number of slots."""
-        self._live_mapping()
-        return self._g.capacity
-
-    @property
-    def key_width(self) -> int:
-        """Longest accepted Call-ID, in bytes."""
-        return self._kw
-
-    @property
-    def max_load(self) -> float:
-        return self._g.max_load
-
-    @property
-    def limit(self) -> int:
-        """The most calls the table accepts at its current capacity."""
-        self._live_mapping()
-        return self._g.limit
-
-    @property
-    def readonly(self) -> bool:
-        return self._readonly
-
-    @property
-    def read_mode(self) -> str:
-        """``"lockfree"`` or ``"shared"``: how this handle's reads exclude torn rows."""
-        return self._read_mode
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def seed(self) -> int:
-        """The XXH64 seed of this table."""
-        return self._seed
+    # Read-only views of the handle's state (the geometry ones follow a rebuild first).
+    path = _ReadOnly[str](lambda t: t._path, "The table's data file.")
+    lock_path = _ReadOnly[str](lambda t: t._lock_path, "The table's lock file.")
+    capacity = _ReadOnly[int](lambda t: t._live_mapping().geometry.capacity, "Number of slots.")
+    limit = _ReadOnly[int](lambda t: t._live_mapping().geometry.limit,
+                           "The most calls the table accepts at its current capacity.")
+    key_width = _ReadOnly[int](lambda t: t._kw, "Longest accepted Call-ID, in bytes.")
+    max_load = _ReadOnly[float](lambda t: t._g.max_load, "The load factor limit.")
+    seed = _ReadOnly[int](lambda t: t._seed, "The XXH64 seed of this table.")
+    readonly = _ReadOnly[bool](lambda t: t._readonly, "Opened read-only.")
+    read_mode = _ReadOnly[str](lambda t: t._read_mode, '''``"lockfree"`` or ``"shared"``: how
+        this handle's reads exclude torn rows.''')
+    closed = _ReadOnly[bool](lambda t: t._closed, "Closed by :meth:`close`.")
 
     def __len__(self) -> int:
         return int(self._live_mapping().q[_W_COUNT])
@@ -599,306 +427,13 @@ class CallTable:
             lock.settle(m.q, _W_LOCK)   # may have waited: look at the path again
             ino = lock.lock_file.ino
 
-    def _insert_one(self, m: Mapping, w: int, slot: int, field: bytes, tag: int,
-                    start: int, end: int) -> None:
-        if slot < 0:
-            raise NpcallsError(f"table {self._path}: no free slot on the key's probe path "
-                               "although the counts say there is room (run `npcalls check "
-                               "--repair`)")
-        protocol.publish_row(m, w, slot, field, tag, start, end)
-
     def _make_room_locked(self, m: Mapping, needed: int) -> tuple[Mapping, int]:
-        """Ensure ``needed`` more rows fit: compact or grow, or raise TableFullError."""
-        g = self._g
-        q = m.q
-        count, tomb = int(q[_W_COUNT]), int(q[_W_TOMB])
-        if count + needed > g.limit:
-            if not g.auto_grow:
-                raise TableFullError(count, needed, g.capacity, g.limit, self._path)
-            refusal = maintenance.rebuild_refusal(self._path, m)
-            if refusal:
-                raise NpcallsError(f"table {self._path} is full and cannot grow automatically: "
-                                   f"{refusal}")
-            new_cap = g.capacity
-            while (count + needed) > new_cap * g.max_load_ppm // 1_000_000:
-                new_cap *= 2
-            self._rebuild_locked(m, new_cap)
-        elif ((count + tomb + needed > (g.limit + g.capacity) // 2 or tomb > probe.tomb_limit(g))
-              and maintenance.rebuild_refusal(self._path, m) is None):
-            # Tombstones (only ever left in buckets that were once full) lengthen
-            # the walks of lookups for absent keys; rebuild before they matter.
-            # A writer that may not rebuild the file (another user's, see
-            # rebuild_refusal) leaves that to its owner and inserts into a free slot.
-            self._rebuild_locked(m, g.capacity)
-        else:
-            return m, int(q[_W_WSEQ])
-        m = self._m
+        """Ensure ``needed`` more rows fit (:func:`npcalls.maintenance.make_room`)."""
+        new = maintenance.make_room(self._path, m, needed)
+        if new is not None:
+            self._install(new)
+            m = new
         return m, int(m.q[_W_WSEQ])
-
-    def _write_one(self, call_id: Any, ts: Any, col: int, insert: bool) -> bool:
-        """start() (col 1) and stop() (col 2): set a field if unset, inserting if allowed.
-
-        This is the hottest path of the library (one call per SIP transaction
-        in every proxy worker), so the probe and the row writes are inlined
-        here: copies of :func:`npcalls.probe.find_one`,
-        :func:`npcalls.protocol.set_field` and :func:`npcalls.protocol.publish_row`
-        inside the bracket of :class:`npcalls.protocol.Operation`, which are the
-        reference; tests/test_protocol.py checks that both write the same bytes.
-        The rare cases (a rebuilt or removed file, a crashed predecessor, a full
-        table) go through :meth:`_write_one_locked`, built on the reference.
-        """
-        mm, mv, q, qi, nb, tags_off, rows_off, rs, _, pack_row, kw, kf, seed = self._fast
-        if type(call_id) is str and call_id.isascii():      # encode_key's common case
-            field = call_id.encode()
-            if not 0 < len(field) <= kw or 0 in field:
-                field = encode_key(call_id, kw, kf)
-            else:
-                field = field.ljust(kf, b"\x00")
-        else:
-            field = encode_key(call_id, kw, kf)
-        if ts is None:
-            ts = _time_ns()
-        elif type(ts) is not int or not -_I64_MAX <= ts <= _I64_MAX:
-            ts = to_ns(ts)
-        tag = _xxh(field, seed)
-        if tag < 2:
-            tag += 2
-        lf = self._lockfile
-        if lf is None:
-            raise self._unwritable()
-        # The writer lock's functions rather than a `with` block (which costs
-        # ~0.5 us, a sixth of the operation).
-        _enter(lf)
-        try:
-            if q[_W_STATE] or q[_W_WSEQ] & _SLOW or q[_W_LOCK] != lf.ino:
-                return self._write_one_locked(field, tag, ts, col, insert)
-            b = ((tag >> 32) * nb) >> 32
-            free = -1
-            left = nb
-            while left:
-                left -= 1
-                blk = _TAGS8.unpack_from(mv, tags_off + (b << 6))
-                if tag in blk:
-                    j = blk.index(tag)
-                    while True:
-                        o = rows_off + ((b << 3) + j) * rs
-                        if mm[o + 24:o + 24 + kf] == field:
-                            o >>= 3
-                            if qi[o + col] != NOT_SET:
-                                return False
-                            w = q[_W_WSEQ]
-                            q[_W_WSEQ] = w + 1
-                            q[o] = w + 1
-                            qi[o + col] = ts
-                            q[o] = w + 2
-                            q[_W_NSTART if col == 1 else _W_NSTOP] += 1
-                            other = _I64.unpack_from(mv, (o + 3 - col) << 3)[0]
-                            if other != NOT_SET:    # the call now has both times
-                                # _observe_duration, inlined (hot path)
-                                d = ts - other if col == 2 else other - ts
-                                b = _DUR0_OFF + (_bisect_left(DURATION_BOUNDS_NS, d) << 3)
-                                _U64.pack_into(mv, b, _U64.unpack_from(mv, b)[0] + 1)
-                                if d > 0:
-                                    _U64.pack_into(mv, _DURSUM_OFF, (_U64.unpack_from(
-                                        mv, _DURSUM_OFF)[0] + d // 1000) & _M64)
-                            q[_W_WSEQ] = w + 2
-                            return True
-                        if tag not in blk[j + 1:]:
-                            break
-                        j = blk.index(tag, j + 1)
-                if 0 in blk:
-                    if free < 0:
-                        j = blk.index(0)
-                        if 1 in blk:
-                            j = min(j, blk.index(1))
-                        free = (b << 3) + j
-                    break
-                if free < 0 and 1 in blk:
-                    free = (b << 3) + blk.index(1)
-                b += 1
-                if b == nb:
-                    b = 0
-            if not insert:
-                return False
-            if q[_W_COUNT] >= self._limit or q[_W_TOMB] > self._tomb_limit or free < 0:
-                return self._write_one_locked(field, tag, ts, col, insert)
-            w = q[_W_WSEQ]
-            o = (rows_off + free * rs) >> 3
-            tw = (tags_off >> 3) + free
-            was_tomb = q[tw] == TOMBSTONE
-            q[_W_WSEQ] = w + 1
-            q[o] = w + 1
-            if col == 1:
-                pack_row(mv, o << 3, w + 1, ts, NOT_SET, field)
-            else:
-                pack_row(mv, o << 3, w + 1, NOT_SET, ts, field)
-            q[tw] = tag                     # publish: the row is complete
-            q[o] = w + 2
-            q[_W_COUNT] += 1
-            if was_tomb:
-                q[_W_TOMB] -= 1
-            q[_W_NSTART if col == 1 else _W_NSTOP] += 1
-            q[_W_WSEQ] = w + 2
-            return True
-        finally:
-            _leave(lf)
-
-    def _write_one_locked(self, field: bytes, tag: int, ts: int, col: int, insert: bool) -> bool:
-        """The general path of :meth:`_write_one` (lock held)."""
-        m, w = self._begin_locked()
-        slot, free = probe.find_one(self._fast, field, tag)
-        if slot >= 0:
-            if m.qi[protocol.row_word(m, slot) + col] != NOT_SET:
-                return False
-            with protocol.Operation(m.q, w):
-                other = protocol.set_field(m, w, slot, col, ts)
-                if other != NOT_SET:
-                    _observe_duration(m.mv, ts - other if col == 2 else other - ts)
-                m.q[_W_NSTART if col == 1 else _W_NSTOP] += 1
-            return True
-        if not insert:
-            return False
-        g = self._g
-        if m.q[_W_COUNT] >= g.limit or m.q[_W_TOMB] > probe.tomb_limit(g):
-            m, w = self._make_room_locked(m, 1)
-            slot, free = probe.find_one(self._fast, field, tag)
-        with protocol.Operation(m.q, w):
-            if col == 1:
-                self._insert_one(m, w, free, field, tag, ts, NOT_SET)
-            else:
-                self._insert_one(m, w, free, field, tag, NOT_SET, ts)
-            m.q[_W_NSTART if col == 1 else _W_NSTOP] += 1
-        return True
-
-    def start(self, call_id: str | bytes, ts: Any = None) -> bool:
-        """Record that a call started.
-
-        Inserts the call with ``start = ts`` (now if None) and returns True.
-        If the call is already present its first start is kept (retransmitted
-        INVITE, re-INVITE) and False is returned, except that a call known only
-        by its end (``stop(..., insert_missing=True)``) gets its start set.
-        """
-        return self._write_one(call_id, ts, 1, True)
-
-    def stop(self, call_id: str | bytes, ts: Any = None, *, insert_missing: bool = False) -> bool:
-        """Record that a call ended.
-
-        Sets ``end = ts`` (now if None) on a present call whose end is unset
-        and returns True; a second stop keeps the first end and returns False.
-        A call that is not in the table is left alone (False) unless
-        ``insert_missing`` is True, which records an end-only call (a BYE whose
-        INVITE predates the log).
-        """
-        return self._write_one(call_id, ts, 2, insert_missing)
-
-    def remove(self, call_id: str | bytes) -> bool:
-        """Remove a call; True if it was present."""
-        field = encode_key(call_id, self._kw, self._kf)
-        tag = _xxh(field, self._seed)
-        if tag < 2:
-            tag += 2
-        with self._writable_lock():
-            m, w = self._begin_locked()
-            slot, _ = probe.find_one(self._fast, field, tag)
-            if slot < 0:
-                return False
-            protocol.open_op(m.q, w)     # not a `with`: remove() is a single-key op
-            protocol.free_slot(m, w, slot)
-            protocol.close_op(m.q, w)
-            return True
-
-    # ------------------------------------------------------------------ reading
-
-    def get(self, call_id: str | bytes) -> tuple[int, int] | None:
-        """``(start, end)`` of a call, or None if absent.
-
-        Takes no lock in the lock-free read mode; in the shared mode (see
-        :meth:`open`) holds the shared lock for the probe only.
-
-        Either value may be :data:`NOT_SET` (an active call has no end yet).
-        """
-        # The hot read path: the bucket walk of npcalls.probe.find_one and the
-        # seq/row/seq read of docs/format.md ("Reading without a lock"),
-        # inlined; tests/test_model_hypothesis.py checks get() against
-        # get_many() (the vectorized lookup) and a model.
-        _, mv, q, _, nb, tags_off, rows_off, rs, unpack_row, _, kw, kf, seed = self._fast
-        # encode_key's common case, inlined (a function call is ~8% of a get)
-        if type(call_id) is str and call_id.isascii():
-            field = call_id.encode()
-            if not 0 < len(field) <= kw or 0 in field:
-                field = encode_key(call_id, kw, kf)
-            else:
-                field = field.ljust(kf, b"\x00")
-        else:
-            field = encode_key(call_id, kw, kf)
-        tag = _xxh(field, seed)
-        if tag < 2:
-            tag += 2
-        if q[_W_STATE] and self._live_mapping().q is not q:
-            # followed a rebuild: read the new file (CallTable.get, not self.get:
-            # in shared read mode the caller already holds the read lock)
-            return CallTable.get(self, call_id)
-        b = ((tag >> 32) * nb) >> 32
-        left = nb
-        while True:
-            blk = _TAGS8.unpack_from(mv, tags_off + (b << 6))
-            if tag in blk:
-                j = blk.index(tag)
-                while True:
-                    o = rows_off + ((b << 3) + j) * rs
-                    o8 = o >> 3
-                    s1 = q[o8]
-                    _, st, en, key = unpack_row(mv, o)
-                    if s1 != q[o8] or s1 & 1:
-                        st, en, key = self._read_row_slow(mv, q, o, unpack_row)
-                    if key == field:
-                        return st, en
-                    if tag not in blk[j + 1:]:          # another key with this tag: 2**-64
-                        break
-                    j = blk.index(tag, j + 1)
-            if 0 in blk:
-                return None
-            left -= 1
-            if not left:
-                return None
-            b += 1
-            if b == nb:
-                b = 0
-
-    def _read_row_slow(self, mv: Any, q: Any, o: int, unpack_row: Any) -> tuple[int, int, bytes]:
-        """Re-read a row a writer may be changing.
-
-        Accepted (see :func:`npcalls.probe.row_is_stable`): the classic seqlock
-        (the same even version before and after), a version at most the
-        header's even writer sequence read before the row, or a version above
-        anything a writer has stamped (a copied or hostile file: read as is).
-        """
-        o8 = o >> 3
-        spins = 0
-        while True:
-            w1 = q[_W_WSEQ]
-            s1 = q[o8]
-            _, st, en, key = unpack_row(mv, o)
-            s2 = q[o8]
-            if s1 == s2 and not s1 & 1 or s2 <= w1 & ~1:
-                return st, en, key
-            if s1 == s2 and s2 > probe._stamp_bound(q[_W_WSEQ]):
-                return st, en, key
-            spins += 1
-            if spins > 1000 and s1 == q[o8] and self._writer_is_dead(spins):
-                return st, en, key
-
-    def _writer_is_dead(self, spins: int) -> bool:
-        """A row has stayed mid-write through ``spins`` re-reads: is its writer gone?
-
-        If the lock is free, the writer died mid-row; a half-done row is
-        still consistent because each field is published in a safe order
-        (payload, then tag, then seq), so the reader may take it as it is.
-        """
-        if spins % 1000:
-            return False
-        time.sleep(0.0001 if spins < 100_000 else 0.001)
-        return lock_holder(self._lock_path) is None
 
     def __contains__(self, call_id: object) -> bool:
         return self.get(call_id) is not None  # type: ignore[arg-type]
@@ -1012,30 +547,7 @@ class CallTable:
 
     def _lookup_read(self, tag: np.ndarray, keyq: np.ndarray) -> probe.Found:
         """A reader's batch lookup, in this handle's read mode."""
-        rl = self._rl
-        if rl is None:
-            return probe.lookup(self._live_mapping(), tag, keyq, consistent=True,
-                                want_rows=True, stuck_ok=self._stuck_ok)
-        # Shared mode: under the shared lock no writer runs, so rows are read
-        # as they are; the lock is taken per slice so that writers wait for one
-        # slice at most, never for a whole large batch.
-        n = len(tag)
-        if n <= probe.CHUNK:
-            with rl:
-                return probe.lookup(self._live_mapping(), tag, keyq, consistent=False,
-                                    want_rows=True)
-        slot = np.empty(n, np.int64)
-        start = np.empty(n, np.int64)
-        end = np.empty(n, np.int64)
-        rounds = 0
-        for c in range(0, n, probe.CHUNK):
-            sl = slice(c, c + probe.CHUNK)
-            with rl:
-                f = probe.lookup(self._live_mapping(), tag[sl], keyq[sl], consistent=False,
-                                 want_rows=True)
-            slot[sl], start[sl], end[sl] = f.slot, f.start, f.end
-            rounds = max(rounds, f.rounds)
-        return probe.Found(slot, start, end, rounds)
+        return batching.lookup_read(self._live_mapping, self._rl, tag, keyq, self._stuck_ok)
 
     def _stuck_ok(self) -> bool:
         return lock_holder(self._lock_path) is None
@@ -1065,10 +577,9 @@ class CallTable:
                   insert_missing: bool = False, errors: str = "raise") -> np.ndarray:
         """Record many call ends; exactly like :meth:`stop` on each key in order.
 
-        Returns
-        -------
-        numpy.ndarray
-            bool per key: True where this call recorded the end.
+        ``ts`` and ``errors`` as in :meth:`start_many`; ``insert_missing``
+        records end-only calls for the keys not present, as :meth:`stop` does.
+        Returns a bool per key: True where this call recorded the end.
         """
         _, ended = self._record(keys, None, ts, insert=insert_missing, errors=errors, want="end")
         return ended
@@ -1165,73 +676,8 @@ class CallTable:
                        sv: np.ndarray | None, ev: np.ndarray | None, insert: bool,
                        started: np.ndarray, ended: np.ndarray) -> None:
         m, w = self._begin_locked()
-        t = tag if idx is None else tag[idx]
-        kq = keyq if idx is None else keyq[idx]
-        grp = group_sorted(t, kq)
-        o = grp.order
-        rep = o[grp.first]                  # position of each key's first row
-        rt = t[rep]
-        while True:
-            f = probe.lookup(m, rt, kq, consistent=False, want_rows=True, key_index=rep)
-            found = f.slot >= 0
-            new_groups = np.flatnonzero(~found) if insert else np.empty(0, np.int64)
-            if not len(new_groups):
-                break
-            m2, w = self._make_room_locked(m, len(new_groups))
-            if m2 is m:
-                break
-            m = m2                          # rebuilt: slots moved, look again
-        rounds = f.rounds
-        q = m.q
-        seq_odd = w + 1
-        protocol.open_op(q, w)
-        gid = grp.group
-        ngroups = len(rep)
-        new_vals = {1: np.full(ngroups, NOT_SET, np.int64), 2: np.full(ngroups, NOT_SET, np.int64)}
-        upd_vals = {1: np.full(ngroups, NOT_SET, np.int64), 2: np.full(ngroups, NOT_SET, np.int64)}
-        for vals, col, out, counter in ((sv, 1, started, _W_NSTART), (ev, 2, ended, _W_NSTOP)):
-            if vals is None:
-                continue
-            v = (vals if idx is None else vals[idx])[o]     # sorted batch order
-            rows = np.flatnonzero(v != NOT_SET)
-            if not len(rows):
-                continue
-            g = gid[rows]
-            lead = np.ones(len(rows), bool)
-            lead[1:] = g[1:] != g[:-1]
-            win, wg = rows[lead], g[lead]   # the first row with a value, per key
-            fnd = found[wg]
-            cur = (f.start if col == 1 else f.end)[wg]
-            upd = fnd & (cur == NOT_SET)
-            if upd.any():
-                probe.set_field(m, f.slot[wg[upd]], col, v[win[upd]], seq_odd)
-                upd_vals[col][wg[upd]] = v[win[upd]]
-            rec = upd
-            if insert:
-                new_vals[col][wg[~fnd]] = v[win[~fnd]]
-                rec = upd | ~fnd
-            hit_rows = o[win[rec]]
-            out[hit_rows if idx is None else idx[hit_rows]] = True
-            q[counter] += int(np.count_nonzero(rec))
-        # Calls that got their second time in this batch enter the duration histogram.
-        s_old = np.where(found, f.start, NOT_SET)
-        e_old = np.where(found, f.end, NOT_SET)
-        s_new = np.where(s_old != NOT_SET, s_old, np.where(found, upd_vals[1], new_vals[1]))
-        e_new = np.where(e_old != NOT_SET, e_old, np.where(found, upd_vals[2], new_vals[2]))
-        done = (s_new != NOT_SET) & (e_new != NOT_SET) & ((s_old == NOT_SET) | (e_old == NOT_SET))
-        if done.any():
-            _observe_durations(q, e_new[done] - s_new[done])
-        crashpoint("batch-fields-set")
-        if len(new_groups):
-            fields = kq.view(f"S{self._kf}").reshape(len(kq))
-            _, pr, reused = probe.place(m, rt[new_groups], fields, rep[new_groups],
-                                        new_vals[1][new_groups], new_vals[2][new_groups], seq_odd)
-            rounds += pr
-            crashpoint("batch-placed")
-            q[_W_COUNT] += len(new_groups)
-            q[_W_TOMB] -= reused
-        protocol.close_op(q, w)
-        self.last_rounds = rounds
+        self.last_rounds = batching.record_locked(m, w, idx, keyq, tag, sv, ev, insert, started,
+                                                  ended, self._make_room_locked)
 
     def remove_many(self, keys: Sequence[str | bytes] | np.ndarray, *,
                     errors: str = "raise") -> np.ndarray:
@@ -1265,23 +711,12 @@ class CallTable:
             try:
                 m, w = self._begin_locked()
                 t, kq = (tag, keyq) if valid is None else (tag[idx], keyq[idx])
-                grp = group_sorted(t, kq)
-                rep = grp.order[grp.first]
-                f = probe.lookup(m, t[rep], kq, consistent=False, want_rows=False,
-                                 key_index=rep)
-                hit = np.flatnonzero(f.slot >= 0)
-                if len(hit):
-                    self._remove_slots_locked(m, w, f.slot[hit])
-                removed[idx[rep[hit]]] = True
-                self.last_rounds = f.rounds
+                hit, self.last_rounds = batching.remove_locked(m, w, t, kq)
+                removed[idx[hit]] = True
             finally:
                 lock.release()
         self._raise_bad(enc, keys, removed, errors)
         return removed
-
-    def _remove_slots_locked(self, m: Mapping, w: int, slots: np.ndarray) -> None:
-        with protocol.Operation(m.q, w):
-            protocol.free_slots(m, w, slots)
 
     # ------------------------------------------------------------------ whole table
 
@@ -1294,30 +729,7 @@ class CallTable:
         snapshot is always in it, and rows written while it runs may or may not
         be (each row is as it was at some instant during the snapshot).
         """
-        if self._rl is not None:
-            # Shared mode: one consistent copy under the shared lock (writers wait
-            # for the copy: ~75 ms per million rows on the reference machine).
-            with self._rl:
-                m = self._live_mapping()
-                tags = m.tags.copy()
-                live = np.flatnonzero(tags >= 2)
-                rows = np.take(m.rowq, live, axis=0)
-        else:
-            m = self._live_mapping()
-            q = m.q
-            w1 = q[_W_WSEQ]
-            tags = m.tags.copy()
-            live = np.flatnonzero(tags >= 2)
-            rows = np.take(m.rowq, live, axis=0)
-            unstable = np.flatnonzero(~probe.row_is_stable(m.seqcol[live], w1, None, q))
-            if len(unstable):
-                live, rows = self._reread_rows(m, live, rows, tags[live], unstable)
-        out = np.empty(len(live), snapshot_dtype(self._kw))
-        out["start"] = rows[:, 1].view(np.int64)
-        out["end"] = rows[:, 2].view(np.int64)
-        keys = np.ascontiguousarray(rows[:, 3:]).view(f"S{self._kf}").reshape(len(live))
-        out["key"] = keys if self._kf == self._kw else keys.astype(f"S{self._kw}")
-        return out
+        return scan.snapshot(self._live_mapping, self._rl, self._stuck_ok)
 
     def times(self) -> tuple[np.ndarray, np.ndarray]:
         """``(start, end)`` of every call present, without their keys: snapshot() for monitors.
@@ -1332,92 +744,11 @@ class CallTable:
         (numpy.ndarray, numpy.ndarray)
             int64 ns, aligned, in no particular order; NOT_SET where unset.
         """
-        m = self._live_mapping()
-        w1 = m.q[_W_WSEQ]
-        tags = m.tags.copy()
-        live = np.flatnonzero(tags >= 2)
-        se = np.take(m.rowq[:, 1:3], live, axis=0)     # one gather: both times of a row
-        start, end = se[:, 0], se[:, 1]
-        ok = probe.row_is_stable(m.seqcol[live], w1, None)   # versions read after the times
-        if not ok.all():
-            # Rows a writer touched meanwhile: re-read them whole (their keys
-            # tell a call that moved from its older copy), as snapshot() does.
-            lu = live[~ok]
-            _, rows = self._reread_rows(m, lu, np.take(m.rowq, lu, axis=0), tags[lu],
-                                        np.arange(len(lu)))
-            start = np.concatenate([start[ok], rows[:, 1]])
-            end = np.concatenate([end[ok], rows[:, 2]])
-        return start.view(np.int64), end.view(np.int64)
-
-    def _reread_rows(self, m: Mapping, live: np.ndarray, rows: np.ndarray, tag: np.ndarray,
-                     todo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Re-read rows a writer touched while a snapshot copied them.
-
-        A call can move while a snapshot runs (removed from one slot, started
-        again in another): the older copy of a key that a re-read found again
-        is dropped, so that no key appears twice.
-        """
-        keep = np.ones(len(live), bool)
-        when = np.zeros(len(live), np.int64)       # 0: first pass; k: k-th re-read round
-        dead_w = None
-        since = time.monotonic()
-        rounds = 0
-        while len(todo):
-            rounds += 1
-            w1 = m.q[_W_WSEQ]
-            slots = live[todo]
-            tg = np.take(m.tags, slots)
-            r = np.take(m.rowq, slots, axis=0)
-            ok = probe.row_is_stable(m.seqcol[slots], w1, dead_w, m.q)
-            done = todo[ok]
-            rows[done] = r[ok]
-            tag[done] = tg[ok]
-            when[done] = rounds
-            keep[done[tg[ok] < 2]] = False          # removed meanwhile
-            todo = todo[~ok]
-            if len(todo) and time.monotonic() - since > 0.05:
-                if w1 & 1 and self._stuck_ok():
-                    dead_w = int(w1)
-                else:
-                    time.sleep(0.001)
-        reread = np.flatnonzero((when > 0) & keep)
-        if len(reread):
-            cand = np.flatnonzero(keep & np.isin(tag, tag[reread]))
-            newest: dict[bytes, int] = {}
-            for i in cand[np.argsort(when[cand], kind="stable")]:
-                k = rows[i, 3:].tobytes()
-                j = newest.get(k)
-                if j is not None:
-                    keep[j] = False                 # an older copy of this call
-                newest[k] = i
-        return live[keep], rows[keep]
+        return scan.times(self._live_mapping(), self._stuck_ok)
 
     def stats(self) -> Stats:
         """Counts, load and probe lengths (a pass over the table; takes no lock)."""
-        m = self._live_mapping()
-        g = m.geometry
-        q = m.q
-        pl = probe.probe_lengths(m)
-        snap_start = m.rowq[:, 1].view(np.int64)
-        snap_end = m.rowq[:, 2].view(np.int64)
-        live = m.tags >= 2
-        has_s = snap_start != NOT_SET
-        has_e = snap_end != NOT_SET
-        return Stats(
-            path=self._path, capacity=g.capacity, count=int(q[_W_COUNT]), limit=g.limit,
-            load_factor=int(q[_W_COUNT]) / g.capacity, key_width=g.key_width,
-            bytes_per_slot=8 + g.row_size, file_bytes=g.file_size,
-            tombstones=int(q[_W_TOMB]),
-            active=int(np.count_nonzero(live & has_s & ~has_e)),
-            ended=int(np.count_nonzero(live & has_s & has_e)),
-            end_only=int(np.count_nonzero(live & ~has_s & has_e)),
-            max_probe=int(pl.max()) if len(pl) else 0,
-            mean_probe=float(pl.mean()) if len(pl) else 0.0,
-            generation=g.generation, n_started=int(q[_W_NSTART]), n_stopped=int(q[_W_NSTOP]),
-            n_removed=int(q[_W_NREM]), n_rebuilds=int(q[W["n_rebuilds"]]),
-            n_recoveries=int(q[W["n_recoveries"]]), auto_grow=g.auto_grow,
-            writer_pid=lock_holder(self._lock_path),
-        )
+        return scan.stats(self._live_mapping(), self._path, self._lock_path)
 
     def counters(self) -> Counters:
         """The header's counts and monotonic counters, without a pass over the rows.
@@ -1430,19 +761,7 @@ class CallTable:
         Words are read one by one while writers may run: each is exact, the
         set is not one atomic picture.
         """
-        m = self._live_mapping()
-        g = m.geometry
-        q = m.q
-        b0 = _W_DUR0
-        buckets = tuple(int(x) for x in q[b0:b0 + len(DURATION_BOUNDS_S) + 1])
-        return Counters(
-            capacity=g.capacity, limit=g.limit, count=int(q[_W_COUNT]),
-            tombstones=int(q[_W_TOMB]), generation=g.generation,
-            n_started=int(q[_W_NSTART]), n_stopped=int(q[_W_NSTOP]), n_removed=int(q[_W_NREM]),
-            n_rebuilds=int(q[W["n_rebuilds"]]), n_recoveries=int(q[W["n_recoveries"]]),
-            duration_bounds_s=DURATION_BOUNDS_S, duration_buckets=buckets,
-            duration_sum_s=int(q[_W_DURSUM]) / 1e6,
-        )
+        return scan.counters(self._live_mapping())
 
     # ------------------------------------------------------------------ rebuild
 
@@ -1451,24 +770,13 @@ class CallTable:
 
         Every attached process follows at its next operation.
         """
-        lock = self._writable_lock()
-        lock.acquire()
-        try:
-            m, w = self._begin_locked()
-            if capacity < int(m.q[_W_COUNT]) / self._g.max_load:
-                raise ValueError(f"capacity {capacity} cannot hold the {int(m.q[_W_COUNT])} calls "
-                                 f"present at max load {self._g.max_load}")
-            self._rebuild_locked(m, capacity)
-        finally:
-            lock.release()
+        with self._writable_lock():
+            m, _ = self._begin_locked()
+            self._install(maintenance.grow(self._path, m, capacity))
 
     def compact(self) -> None:
         """Rebuild at the same capacity, dropping every tombstone."""
         self.grow(self._live_mapping().geometry.capacity)
-
-    def _rebuild_locked(self, m: Mapping, capacity: int, rehash: bool = False) -> list[str]:
-        """Copy the live rows into a new file of ``capacity`` slots (see npcalls.maintenance)."""
-        return maintenance.rebuild_locked(self, m, capacity, rehash)
 
     # ------------------------------------------------------------------ expiry and checks
 
@@ -1498,31 +806,12 @@ class CallTable:
             raise ValueError("expire needs ended_before and/or started_before")
         eb = None if ended_before is None else to_ns(ended_before)
         sb = None if started_before is None else to_ns(started_before)
-        lock = self._writable_lock()
-        with lock:
+        with self._writable_lock():
             m, w = self._begin_locked()
-            live = np.flatnonzero(m.tags >= 2)
-            st = m.rowq[live, 1].view(np.int64)
-            en = m.rowq[live, 2].view(np.int64)
-            mask = np.zeros(len(live), bool)
-            if eb is not None:
-                mask |= (en != NOT_SET) & (en < eb)
-            if sb is not None:
-                mask |= (en == NOT_SET) & (st != NOT_SET) & (st < sb)
-            slots = live[mask]
-            out = None
-            if return_rows:
-                out = np.empty(len(slots), snapshot_dtype(self._kw))
-                out["start"], out["end"] = st[mask], en[mask]
-                keys = np.ascontiguousarray(m.rowq[slots, 3:]).view(f"S{self._kf}")
-                out["key"] = keys.reshape(len(slots))
-            if len(slots):
-                self._remove_slots_locked(m, w, slots)
-                crashpoint("expire-removed")
-                if (int(m.q[_W_TOMB]) > probe.tomb_limit(self._g)
-                        and maintenance.rebuild_refusal(self._path, m) is None):
-                    self._rebuild_locked(m, self._g.capacity)
-        return out if out is not None else len(slots)
+            out, new = maintenance.expire(self._path, m, w, eb, sb, return_rows)
+            if new is not None:
+                self._install(new)
+        return out
 
     def check(self, repair: bool = False) -> CheckReport:
         """Verify the table's invariants; with ``repair``, fix what can be fixed.
@@ -1553,49 +842,17 @@ class CallTable:
                 raise ReadOnlyError(f"table {self._path} was opened read-only; repair needs a "
                                     "writer")
             notes.append("read-only handle: checked without the writer lock")
-            return maintenance.check_locked(self, self._live_mapping(), notes, problems, repaired,
-                                            False)
+            return maintenance.check(self._path, self._live_mapping(), False, notes, problems,
+                                     repaired, False)[0]
         with lock:
-            m = self._m
-            state = int(m.q[_W_STATE])
-            if state not in (STATE_LIVE, STATE_RETIRED, STATE_REMOVED):
-                problems.append(f"unknown table state {state} in the header")
-                if repair:
-                    m.q[_W_STATE] = STATE_LIVE
-                    repaired.append("reset the header state to live")
-            else:
-                m = self._settled_locked()
-                if repair and m.q[_W_STATE] == STATE_RETIRED:
-                    m.q[_W_STATE] = STATE_LIVE
-                    repaired.append("made the table file live again (it was marked retired by "
-                                    "a rebuild that died before replacing it)")
-            w = int(m.q[_W_WSEQ])
-            if w >= _WSEQ_WRAP:
-                notes.append(f"the writer sequence {w} is past 2**63 (a corrupt header); the "
-                             "next writer renumbers it")
-                if repair:
-                    protocol.renumber(m)
-                    repaired.append("renumbered the writer sequence and row versions")
-            return maintenance.check_locked(self, m, notes, problems, repaired, repair)
+            m = maintenance.check_header(self._m, self._settled_locked, notes, problems, repaired,
+                                         repair)
+            report, new = maintenance.check(self._path, m, True, notes, problems, repaired,
+                                            repair)
+            if new is not None:
+                self._install(new)
+            return report
 
-
-
-def _sweep_temps(path: str) -> None:
-    """Remove temporary files that dead creators or rebuilders left beside ``path``."""
-    for p in stale_temp_files(path):
-        try:
-            os.unlink(p)
-        except OSError:
-            pass
-
-
-def _stamp_lock(tmp: str, ino: int) -> None:
-    """Record the lock file's inode in a new table's header (docs/format.md, "Writing")."""
-    fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.pwrite(fd, struct.pack("<Q", ino), LOCK_INO_OFFSET)
-    finally:
-        os.close(fd)
 
 
 class _SharedReadCallTable(CallTable):

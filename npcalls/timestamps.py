@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -127,16 +127,7 @@ def _dt64_array_ns(a: np.ndarray, allow_unset: bool) -> np.ndarray:
         return v.copy()
     if unit in _CAL_LIMIT or unit in _DT64_SUB or count != 1:
         # rare units: exact element by element in Python integers
-        out = np.empty(len(a), np.int64)
-        for i, x in enumerate(a):
-            if nat[i]:
-                out[i] = NOT_SET
-                continue
-            try:
-                out[i] = _dt64_scalar_ns(x)
-            except InvalidTimestampError as e:
-                raise InvalidTimestampError(f"timestamp #{i}: {e}") from None
-        return out
+        return _each(a, nat.tolist(), _dt64_scalar_ns)
     f = _DT64_NS[unit]
     lim = _I64_MAX // f
     bad = ~nat & ((v > lim) | (v < -lim))
@@ -186,6 +177,20 @@ def to_ns(ts: Any) -> int:
     raise _bad(ts, f"expected int nanoseconds or a datetime, not {t.__name__}")
 
 
+def _each(items: Any, unset: list[bool], convert: Callable[[Any], int]) -> np.ndarray:
+    """Convert timestamps one by one (NOT_SET where ``unset``); an error names the element."""
+    out = np.empty(len(items), np.int64)
+    for i, x in enumerate(items):
+        if unset[i]:
+            out[i] = NOT_SET
+            continue
+        try:
+            out[i] = convert(x)
+        except InvalidTimestampError as e:
+            raise InvalidTimestampError(f"timestamp #{i}: {e}") from None
+    return out
+
+
 def to_ns_array(ts: Any, n: int, allow_unset: bool = False) -> np.ndarray:
     """Normalise the timestamps of a batch of ``n`` keys to an int64 array of length ``n``.
 
@@ -215,16 +220,8 @@ def to_ns_array(ts: Any, n: int, allow_unset: bool = False) -> np.ndarray:
         raise InvalidTimestampError(f"expected {n} timestamps (one per key), got shape {a.shape}")
     kind = a.dtype.kind
     if kind == "O":
-        out = np.empty(n, np.int64)
-        for i, x in enumerate(a.tolist()):
-            if allow_unset and _is_unset(x):
-                out[i] = NOT_SET
-                continue
-            try:
-                out[i] = to_ns(x)
-            except InvalidTimestampError as e:
-                raise InvalidTimestampError(f"timestamp #{i}: {e}") from None
-        return out
+        items = a.tolist()
+        return _each(items, [allow_unset and _is_unset(x) for x in items], to_ns)
     if kind == "M":
         out = _dt64_array_ns(a, allow_unset)
     elif kind in "iu":

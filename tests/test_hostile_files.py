@@ -257,3 +257,21 @@ def test_fuzzed_headers_and_sizes(worker, good, tmp_path, data):
     if r["result"] != "opened":
         assert r["error"] in ("FormatError", "TableRemovedError", "NpcallsError",
                               "TableFullError"), r
+
+
+def test_a_count_past_any_capacity_is_a_full_table_not_a_crash(tmp_path):
+    """A header claiming more calls than any table can hold (found by the fuzz test above):
+    an auto-grow table must not try to grow past the largest capacity (a ValueError
+    from the geometry); it is full, and says so."""
+    path = str(tmp_path / "huge-count.npcalls")
+    CallTable.create(path, capacity=64, key_width=16, auto_grow=True).close()
+    with open(path, "r+b") as f:
+        f.seek(8 * W["count"])
+        f.write(struct.pack("<Q", 22_194_710_512))
+    code = (f"import npcalls\nt = npcalls.CallTable.open({path!r})\n"
+            "try:\n    t.start_many(['a', 'b'])\nexcept npcalls.TableFullError as e:\n"
+            "    print('full', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("full"), r.stdout
+    CallTable.unlink(path)

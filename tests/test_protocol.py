@@ -1,6 +1,6 @@
 """npcalls.protocol: the write protocol in one module, and the hot path's inlined copy of it.
 
-``CallTable._write_one`` (start/stop) keeps an inlined copy of
+``CallTable._write_one`` (start/stop; npcalls/single.py) keeps an inlined copy of
 :func:`npcalls.protocol.set_field` and :func:`npcalls.protocol.publish_row`
 for speed.  Here the same operations go once through the inlined path and
 once through the reference (the general path, ``_write_one_locked``, built on
@@ -22,7 +22,7 @@ import pytest
 import xxhash
 
 import npcalls
-from npcalls import probe, protocol, table
+from npcalls import probe, protocol, single
 from npcalls.keys import encode_key
 from npcalls.layout import NOT_SET, W
 
@@ -90,7 +90,7 @@ def test_hot_paths_unpack_the_single_key_view_by_its_field_names():
     """Every statement unpacking a SingleKeyView names its fields in order (``_`` to skip)."""
     fields = probe.SingleKeyView._fields
     checked = 0
-    for mod in (table, probe):
+    for mod in (single, probe):
         tree = ast.parse(inspect.getsource(mod))
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Tuple)):
