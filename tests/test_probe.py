@@ -19,7 +19,7 @@ import struct
 import numpy as np
 import pytest
 
-from npcalls import probe
+from npcalls import buckets, probe, protocol
 from npcalls.layout import BUCKET, EMPTY, TOMBSTONE, W, make_geometry
 from npcalls.storage import build_temp, open_mapping
 
@@ -65,7 +65,7 @@ class Raw:
 
     def remove(self, slots: list[int]) -> int:
         odd = self._begin()
-        d = probe.remove_slots(self.m, np.array(slots, np.int64), odd)
+        d = protocol.remove_slots(self.m, np.array(slots, np.int64), odd)
         self._end(odd)
         return d
 
@@ -130,15 +130,15 @@ def test_home_bucket_is_the_multiply_shift_of_the_high_32_bits():
     tags = rng.integers(0, 1 << 63, 4000, dtype=np.int64).astype(_U) * _U(2) + _U(1)
     tags[:4] = [2, (1 << 32) - 1, 1 << 32, (1 << 64) - 1]
     for nb in (1, 3, 8, 1000, (1 << 31) + 11):
-        b = probe.home_bucket(tags, nb)
+        b = buckets.home_bucket(tags, nb)
         assert b.dtype == np.int64 and b.min() >= 0 and b.max() < nb
         want = [((int(t) >> 32) * nb) >> 32 for t in tags.tolist()]
         assert b.tolist() == want
-        assert [probe.home_bucket_one(int(t), nb) for t in tags[:200].tolist()] == want[:200]
+        assert [buckets.home_bucket_one(int(t), nb) for t in tags[:200].tolist()] == want[:200]
         o = np.argsort(tags)
         assert (np.diff(b[o]) >= 0).all()             # monotonic in the tag (batch placement relies on it)
-    assert probe.home_bucket(np.array([(1 << 64) - 1], _U), 1000)[0] == 999
-    assert probe.home_bucket(np.array([(1 << 32) - 1], _U), 1000)[0] == 0   # low bits do not count
+    assert buckets.home_bucket(np.array([(1 << 64) - 1], _U), 1000)[0] == 999
+    assert buckets.home_bucket(np.array([(1 << 32) - 1], _U), 1000)[0] == 0   # low bits do not count
 
 
 # ---------------------------------------------------------------- placement and lookup
@@ -268,7 +268,7 @@ def test_a_full_bucket_no_walk_passes_is_reclaimed(raw, front_door):
         d = r.remove([got[b"r4"]])
     else:
         odd = r._begin()
-        d = probe.free_one(r.m, got[b"r4"])
+        d = protocol.free_one(r.m, got[b"r4"])
         r._end(odd)
     assert d == -1                               # one tombstone cleared, none left
     t = r.tags()
@@ -317,7 +317,7 @@ def test_free_one_decides_like_remove_slots(raw):
             s = ga[keys[k]]
             d1 = a.remove([s])
             odd = b._begin()
-            d2 = probe.free_one(b.m, s)
+            d2 = protocol.free_one(b.m, s)
             b._end(odd)
             assert d1 == d2, (trial, k)
             assert np.array_equal(a.tags(), b.tags()), (trial, k)
@@ -331,7 +331,7 @@ def _walk_invariant(t: np.ndarray, nb: int) -> None:
     has_empty = (tb == EMPTY).any(axis=1)
     for s in np.flatnonzero(t >= 2).tolist():
         b = s // BUCKET
-        h = probe.home_bucket_one(int(t[s]), nb)
+        h = buckets.home_bucket_one(int(t[s]), nb)
         while h != b:
             assert not has_empty[h], (s, h, b)
             h = (h + 1) % nb
