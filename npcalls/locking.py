@@ -266,14 +266,9 @@ def _lock_ex(lf: LockFile) -> None:
     holder may be waiting for this very core), and only then blocks, with
     the watchdog that reports long waits.
     """
-    try:
-        _lockf(lf.fd, _LOCK_EX_NB)
-        return
-    except OSError as e:
-        if e.errno not in _BUSY:
-            raise
-    for _ in range(SPIN_TRIES):
-        _yield()
+    for i in range(SPIN_TRIES + 1):
+        if i:
+            _yield()
         try:
             _lockf(lf.fd, _LOCK_EX_NB)
             return
@@ -293,13 +288,7 @@ def enter(lf: LockFile) -> None:
     lf.rlock.acquire()
     if lf.depth == 0:
         try:
-            # _lock_ex's first attempt inlined: one Python call less per write
-            try:
-                _lockf(lf.fd, _LOCK_EX_NB)
-            except OSError as e:
-                if e.errno not in _BUSY:
-                    raise
-                _lock_ex(lf)
+            _lock_ex(lf)
         except BaseException:
             lf.rlock.release()
             raise

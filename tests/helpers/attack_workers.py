@@ -38,12 +38,7 @@ def batch_writer(path: str, prefix: str, n: int, batch: int, ready: str, go: str
     t = CallTable.open(path)
     _touch(ready)
     _wait(go)
-    acked = 0
-    for lo in range(0, n, batch):
-        keys = np.array([f"{prefix}-{i}".encode() for i in range(lo, min(n, lo + batch))])
-        ts = np.arange(lo, lo + len(keys), dtype=np.int64) + 1
-        acked += int(t.start_many(keys, ts).sum())
-        t.stop_many(keys, ts + 1)
+    acked = _write_batches(t, prefix, n, batch)
     t.close()
     return {"acked": acked}
 
