@@ -180,7 +180,9 @@ def test_times_agree_with_sipp(run):
             order.append((cid, u.invite[cid], s, u.answered[cid], u.bye[cid], e))
         diffs.append((e - s) - (u.bye[cid] - u.answered[cid]))
     assert not order, f"{len(order)} calls recorded out of order with sipp: {order[:3]}"
-    assert min(diffs) > 0
+    # e > BYE sent and s < 200 received + after_200 (checked above) bound the
+    # difference below by -after_200: the dialog variant's later start shortens it
+    assert min(diffs) > -after_200
     assert max(diffs) < DUR_TOL, f"durations differ by up to {max(diffs):.3f}s"
     assert statistics.median(diffs) < 0.05, f"median difference {statistics.median(diffs):.4f}s"
 
