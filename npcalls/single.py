@@ -30,6 +30,7 @@ from .layout import DURATION_BOUNDS_NS, NOT_SET, TOMBSTONE, W
 from .locking import LockFile, lock_holder
 from .locking import enter as _enter
 from .locking import leave as _leave
+from .probe import find_one as _find_one
 from .storage import Mapping
 from .timestamps import to_ns
 
@@ -53,6 +54,26 @@ _DUR0_OFF, _DURSUM_OFF = _W_DUR0 * 8, _W_DURSUM * 8
 _M64 = 0xFFFFFFFFFFFFFFFF
 
 
+def key_tag(call_id: Any, kw: int, kf: int, seed: int) -> tuple[bytes, int]:
+    """The stored field and the tag of one Call-ID (docs/format.md, "Keys" and "Hashing").
+
+    :func:`npcalls.keys.encode_key` and :func:`npcalls.hashing.tag_of` in one
+    call, with the common case (an ASCII str that fits) first; every other
+    key, and every error, goes through ``encode_key``.  tests/test_single.py
+    checks the two agree.
+    """
+    if type(call_id) is str and call_id.isascii():
+        field = call_id.encode()
+        if 0 < len(field) <= kw and 0 not in field:
+            field = field.ljust(kf, b"\x00")
+        else:
+            field = encode_key(call_id, kw, kf)
+    else:
+        field = encode_key(call_id, kw, kf)
+    tag = _xxh(field, seed)
+    return field, (tag if tag > 1 else tag + 2)
+
+
 class SingleKeyOps:
     """start, stop, remove and get of :class:`~npcalls.CallTable` (its base class).
 
@@ -63,6 +84,7 @@ class SingleKeyOps:
     """
 
     _fast: tuple[Any, ...]
+    _m: Mapping
     _lockfile: LockFile | None
     _limit: int
     _tomb_limit: int
@@ -92,30 +114,22 @@ class SingleKeyOps:
         """start() (col 1) and stop() (col 2): set a field if unset, inserting if allowed.
 
         This is the hottest path of the library (one call per SIP transaction
-        in every proxy worker), so the probe and the row writes are inlined
-        here: copies of :func:`npcalls.probe.find_one`,
-        :func:`npcalls.protocol.set_field` and :func:`npcalls.protocol.publish_row`
-        inside the bracket of :class:`npcalls.protocol.Operation`, which are the
-        reference; tests/test_protocol.py checks that both write the same bytes.
-        The rare cases (a rebuilt or removed file, a crashed predecessor, a full
-        table) go through :meth:`_write_one_locked`, built on the reference.
+        in every proxy worker), so the row writes are inlined here: copies of
+        :func:`npcalls.protocol.set_field`, :func:`~npcalls.protocol.observe_duration`
+        and :func:`~npcalls.protocol.publish_row` inside the bracket of
+        :class:`npcalls.protocol.Operation`, which are the reference;
+        tests/test_protocol.py checks that both write the same bytes.  The
+        probe is :func:`npcalls.probe.find_one` itself.  The rare cases (a
+        rebuilt or removed file, a crashed predecessor, a full table) go
+        through :meth:`_write_one_locked`, built on the references.
         """
-        mm, mv, q, qi, nb, tags_off, rows_off, rs, _, pack_row, kw, kf, seed = self._fast
-        if type(call_id) is str and call_id.isascii():      # encode_key's common case
-            field = call_id.encode()
-            if not 0 < len(field) <= kw or 0 in field:
-                field = encode_key(call_id, kw, kf)
-            else:
-                field = field.ljust(kf, b"\x00")
-        else:
-            field = encode_key(call_id, kw, kf)
+        fast = self._fast
+        _, mv, q, qi, _, tags_off, rows_off, rs, _, pack_row, kw, kf, seed = fast
+        field, tag = key_tag(call_id, kw, kf, seed)
         if ts is None:
             ts = _time_ns()
         elif type(ts) is not int or not -_I64_MAX <= ts <= _I64_MAX:
             ts = to_ns(ts)
-        tag = _xxh(field, seed)
-        if tag < 2:
-            tag += 2
         lf = self._lockfile
         if lf is None:
             raise self._unwritable()
@@ -125,57 +139,31 @@ class SingleKeyOps:
         try:
             if q[_W_STATE] or q[_W_WSEQ] & _SLOW or q[_W_LOCK] != lf.ino:
                 return self._write_one_locked(field, tag, ts, col, insert)
-            b = ((tag >> 32) * nb) >> 32
-            free = -1
-            left = nb
-            while left:
-                left -= 1
-                blk = _TAGS8.unpack_from(mv, tags_off + (b << 6))
-                if tag in blk:
-                    j = blk.index(tag)
-                    while True:
-                        o = rows_off + ((b << 3) + j) * rs
-                        if mm[o + 24:o + 24 + kf] == field:
-                            o >>= 3
-                            if qi[o + col] != NOT_SET:
-                                return False
-                            w = q[_W_WSEQ]
-                            q[_W_WSEQ] = w + 1
-                            q[o] = w + 1
-                            qi[o + col] = ts
-                            q[o] = w + 2
-                            q[_W_NSTART if col == 1 else _W_NSTOP] += 1
-                            other = _I64.unpack_from(mv, (o + 3 - col) << 3)[0]
-                            if other != NOT_SET:    # the call now has both times
-                                # protocol.observe_duration, inlined (hot path)
-                                d = ts - other if col == 2 else other - ts
-                                b = _DUR0_OFF + (_bisect_left(DURATION_BOUNDS_NS, d) << 3)
-                                _U64.pack_into(mv, b, _U64.unpack_from(mv, b)[0] + 1)
-                                if d > 0:
-                                    _U64.pack_into(mv, _DURSUM_OFF, (_U64.unpack_from(
-                                        mv, _DURSUM_OFF)[0] + d // 1000) & _M64)
-                            q[_W_WSEQ] = w + 2
-                            return True
-                        if tag not in blk[j + 1:]:
-                            break
-                        j = blk.index(tag, j + 1)
-                if 0 in blk:
-                    if free < 0:
-                        j = blk.index(0)
-                        if 1 in blk:
-                            j = min(j, blk.index(1))
-                        free = (b << 3) + j
-                    break
-                if free < 0 and 1 in blk:
-                    free = (b << 3) + blk.index(1)
-                b += 1
-                if b == nb:
-                    b = 0
+            slot, free = _find_one(fast, field, tag)
+            w = q[_W_WSEQ]
+            if slot >= 0:
+                o = (rows_off + slot * rs) >> 3
+                if qi[o + col] != NOT_SET:
+                    return False
+                q[_W_WSEQ] = w + 1
+                q[o] = w + 1
+                qi[o + col] = ts
+                q[o] = w + 2
+                q[_W_NSTART if col == 1 else _W_NSTOP] += 1
+                other = qi[o + 3 - col]
+                if other != NOT_SET:    # the call now has both times
+                    d = ts - other if col == 2 else other - ts
+                    b = _DUR0_OFF + (_bisect_left(DURATION_BOUNDS_NS, d) << 3)
+                    _U64.pack_into(mv, b, _U64.unpack_from(mv, b)[0] + 1)
+                    if d > 0:
+                        _U64.pack_into(mv, _DURSUM_OFF, (_U64.unpack_from(
+                            mv, _DURSUM_OFF)[0] + d // 1000) & _M64)
+                q[_W_WSEQ] = w + 2
+                return True
             if not insert:
                 return False
             if q[_W_COUNT] >= self._limit or q[_W_TOMB] > self._tomb_limit or free < 0:
                 return self._write_one_locked(field, tag, ts, col, insert)
-            w = q[_W_WSEQ]
             o = (rows_off + free * rs) >> 3
             tw = (tags_off >> 3) + free
             was_tomb = q[tw] == TOMBSTONE
@@ -246,19 +234,29 @@ class SingleKeyOps:
 
     def remove(self, call_id: str | bytes) -> bool:
         """Remove a call; True if it was present."""
-        field = encode_key(call_id, self._kw, self._kf)
-        tag = _xxh(field, self._seed)
-        if tag < 2:
-            tag += 2
-        with self._writable_lock():
-            m, w = self._begin_locked()
-            slot, _ = probe.find_one(self._fast, field, tag)
+        fast = self._fast
+        _, _, q, _, _, _, _, _, _, _, kw, kf, seed = fast
+        field, tag = key_tag(call_id, kw, kf, seed)
+        lf = self._lockfile
+        if lf is None:
+            raise self._unwritable()
+        _enter(lf)      # as in _write_one
+        try:
+            m = self._m
+            if m.q is not q or q[_W_STATE] or q[_W_WSEQ] & _SLOW or q[_W_LOCK] != lf.ino:
+                m, w = self._begin_locked()
+                fast = self._fast
+            else:
+                w = q[_W_WSEQ]
+            slot, _ = _find_one(fast, field, tag)
             if slot < 0:
                 return False
             protocol.open_op(m.q, w)     # not a `with`: remove() is a single-key op
             protocol.free_slot(m, w, slot)
             protocol.close_op(m.q, w)
             return True
+        finally:
+            _leave(lf)
 
     # ------------------------------------------------------------------ reading
 
@@ -275,18 +273,7 @@ class SingleKeyOps:
         # inlined; tests/test_model_hypothesis.py checks get() against
         # get_many() (the vectorized lookup) and a model.
         _, mv, q, _, nb, tags_off, rows_off, rs, unpack_row, _, kw, kf, seed = self._fast
-        # encode_key's common case, inlined (a function call is ~8% of a get)
-        if type(call_id) is str and call_id.isascii():
-            field = call_id.encode()
-            if not 0 < len(field) <= kw or 0 in field:
-                field = encode_key(call_id, kw, kf)
-            else:
-                field = field.ljust(kf, b"\x00")
-        else:
-            field = encode_key(call_id, kw, kf)
-        tag = _xxh(field, seed)
-        if tag < 2:
-            tag += 2
+        field, tag = key_tag(call_id, kw, kf, seed)
         if q[_W_STATE] and self._live_mapping().q is not q:
             # followed a rebuild: read the new file (CallTable.get, not self.get:
             # in shared read mode the caller already holds the read lock)
