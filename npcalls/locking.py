@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 from .errors import NpcallsError
+from .files import DIRECTORY, SYMLINK, RefusedFile, open_regular
 
 __all__ = ["WriterLock", "LockFile", "enter", "leave", "lock_holder", "WAIT_REPORT_S",
            "SPIN_TRIES"]
@@ -119,40 +120,34 @@ def open_lock_file(path: str, mode: int, create: bool,
         belongs neither to the table's owner nor to this user, or one this
         user may not open: the message names the file and what to do.
     """
-    base = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     created = False
     try:
         if create:
             try:
-                fd = os.open(path, base | os.O_CREAT | os.O_EXCL, mode)
+                fd, st = open_regular(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
                 created = True
             except FileExistsError:
-                fd = os.open(path, base)
+                fd, st = open_regular(path, os.O_RDWR)
         else:
-            fd = os.open(path, base)
-    except OSError as e:
-        if e.errno == errno.ELOOP or (e.errno == errno.EEXIST and os.path.islink(path)):
+            fd, st = open_regular(path, os.O_RDWR)
+    except RefusedFile as e:
+        if e.what == SYMLINK:
             raise NpcallsError(f"lock file {path} is a symbolic link; refusing to follow it: "
                                f"{_REMEDY}") from None
-        if e.errno == errno.EISDIR:
+        if e.what == DIRECTORY:
             raise NpcallsError(f"lock file {path} is a directory, not a lock file: "
                                f"{_REMEDY}") from None
-        if e.errno in (errno.EACCES, errno.EPERM):
-            try:
-                st = os.lstat(path)
-                what = f" (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
-            except OSError:
-                what = ""
-            raise NpcallsError(f"cannot open lock file {path}{what}: permission denied; a "
-                               "writer needs read-write access to the table's lock file: give "
-                               f"it the table's owner and mode, or {_REMEDY}") from None
-        if e.errno == errno.ENXIO:
-            raise NpcallsError(f"lock file {path} is not a regular file: {_REMEDY}") from None
-        raise
+        raise NpcallsError(f"lock file {path} is not a regular file: {_REMEDY}") from None
+    except PermissionError:
+        try:
+            st = os.lstat(path)
+            what = f" (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+        except OSError:
+            what = ""
+        raise NpcallsError(f"cannot open lock file {path}{what}: permission denied; a "
+                           "writer needs read-write access to the table's lock file: give "
+                           f"it the table's owner and mode, or {_REMEDY}") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NpcallsError(f"lock file {path} is not a regular file: {_REMEDY}")
         if created:
             os.fchmod(fd, mode)
             if owner is not None and os.geteuid() == 0 and (st.st_uid, st.st_gid) != owner:
@@ -162,7 +157,6 @@ def open_lock_file(path: str, mode: int, create: bool,
             raise NpcallsError(f"lock file {path} belongs to uid {st.st_uid}, the table to uid "
                                f"{owner[0]}: a lock file of another user could keep writers "
                                f"out or let two in; {_REMEDY}")
-        os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         if created:

@@ -32,13 +32,13 @@ import errno
 import fcntl
 import os
 import platform
-import stat
 import struct
 import sys
 import threading
 
 from . import locking
 from .errors import NpcallsError
+from .files import SYMLINK, RefusedFile, open_regular
 
 __all__ = ["LOCKFREE", "SHARED", "READ_MODES", "ENV_VAR", "resolve_read_mode", "tso_cpu",
            "SharedReadLock"]
@@ -145,20 +145,20 @@ class SharedReadLock:
     # -- descriptors
 
     def _open(self) -> _ThreadFd:
-        base = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         for _ in range(100):
             try:
-                fd = os.open(self.lock_path, base)
+                fd, st = open_regular(self.lock_path, os.O_RDONLY)
             except FileNotFoundError:
                 self._create()
                 continue
+            except RefusedFile as e:
+                if e.what == SYMLINK:
+                    raise self._error(e) from None
+                raise NpcallsError(f"lock file {self.lock_path} of table {self.table_path} is "
+                                   "not a regular file; remove it (readers in shared mode lock "
+                                   "it)") from None
             except OSError as e:
                 raise self._error(e) from None
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
-                raise NpcallsError(f"lock file {self.lock_path} of table {self.table_path} is "
-                                   "not a regular file; remove it (readers in shared mode lock it)")
             return _ThreadFd(fd, (st.st_dev, st.st_ino))
         raise NpcallsError(f"lock file {self.lock_path} keeps disappearing")
 

@@ -20,12 +20,12 @@ import mmap
 import os
 import re
 import secrets
-import stat
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import FormatError, NpcallsError, TableExistsError, TableNotFoundError
+from .files import DIRECTORY, SYMLINK, RefusedFile, open_regular
 from .layout import BUCKET, HEADER_SIZE, Geometry, pack_header, parse_header, row_dtype
 
 __all__ = ["resolve", "pid_alive", "shm_dir", "Mapping", "build_temp", "link_into_place", "open_mapping",
@@ -199,25 +199,17 @@ def _unlink_quietly(p: str) -> None:
 
 def open_mapping(path: str, readonly: bool) -> Mapping:
     """Open, validate and map a table file."""
-    # O_NONBLOCK: a FIFO planted at the path must not block the open forever
-    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd = os.open(path, flags)
+        fd, st = open_regular(path, os.O_RDONLY if readonly else os.O_RDWR)
     except FileNotFoundError:
         raise TableNotFoundError(errno.ENOENT, f"no table at {path}", path) from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
+    except RefusedFile as e:
+        if e.what == SYMLINK:
             raise _no_follow_error(path) from None
-        if e.errno == errno.EISDIR:
+        if e.what == DIRECTORY:
             raise FormatError(f"{path}: is a directory, not a table") from None
-        if e.errno == errno.ENXIO:
-            raise FormatError(f"{path}: not a regular file") from None
-        raise
+        raise FormatError(f"{path}: not a regular file") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FormatError(f"{path}: not a regular file")
-        os.set_blocking(fd, True)
         buf = os.pread(fd, HEADER_SIZE, 0)
         g = parse_header(buf, st.st_size, path)
         if st.st_blocks * 512 < g.file_size:

@@ -19,8 +19,8 @@ PKG = pathlib.Path(npcalls.__file__).parent
 
 # Lowest first.  A module imports only modules of earlier rows.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "crashpoints", "hashing", "buckets"),
-    ("layout", "keys", "locking"),          # layout, keys, locking import errors only
+    ("errors", "crashpoints", "hashing", "buckets", "files"),
+    ("layout", "keys", "locking"),          # import errors (and files) only
     ("timestamps", "storage", "readlock"),
     ("protocol",),                          # the words writers touch, and their order
     ("probe",),                             # finding keys (vectorized and single-key)
@@ -79,7 +79,7 @@ def test_the_check_sees_imports_inside_functions_and_skips_typing_blocks(tmp_pat
 
 
 def test_every_core_module_has_a_layer():
-    core = {"errors", "crashpoints", "hashing", "buckets", "layout", "keys", "locking",
+    core = {"errors", "crashpoints", "hashing", "buckets", "files", "layout", "keys", "locking",
             "timestamps", "storage", "readlock", "protocol", "probe", "batching", "scan",
             "lifecycle", "maintenance", "single", "display", "table"}
     assert core == set(LAYER_OF)
