@@ -405,17 +405,7 @@ class CallMonitor:
             True if the call was recorded now; False if it was already
             started, or on any failure (logged, never raised).
         """
-        try:
-            t = self.table
-            if t is None:
-                return False
-            cid = self._call_id(call_id)
-            if cid is None:
-                return False
-            return self._record(t, cid, 1)
-        except BaseException as e:
-            self._error(type(e).__name__, f"start_monitoring failed: {type(e).__name__}: {e}")
-            return False
+        return self._monitor(call_id, 1, "start_monitoring")
 
     def stop_monitoring(self, msg: Any = None, call_id: str | bytes | None = None) -> bool:
         """Record that the current message's call ended (now).
@@ -429,6 +419,10 @@ class CallMonitor:
             ended, is unknown to the table, or on any failure (logged, never
             raised).
         """
+        return self._monitor(call_id, 2, "stop_monitoring")
+
+    def _monitor(self, call_id: str | bytes | None, col: int, what: str) -> bool:
+        """start_monitoring (col 1) and stop_monitoring (col 2): never raises."""
         try:
             t = self.table
             if t is None:
@@ -436,9 +430,9 @@ class CallMonitor:
             cid = self._call_id(call_id)
             if cid is None:
                 return False
-            return self._record(t, cid, 2)
+            return self._record(t, cid, col)
         except BaseException as e:
-            self._error(type(e).__name__, f"stop_monitoring failed: {type(e).__name__}: {e}")
+            self._error(type(e).__name__, f"{what} failed: {type(e).__name__}: {e}")
             return False
 
     # ------------------------------------------------------------------ bounded writes
