@@ -260,16 +260,23 @@ def _lock_ex(lf: LockFile) -> None:
     holder may be waiting for this very core), and only then blocks, with
     the watchdog that reports long waits.
     """
-    for i in range(SPIN_TRIES + 1):
-        if i:
+    if not _try_lock(lf.fd):
+        for _ in range(SPIN_TRIES):
             _yield()
-        try:
-            _lockf(lf.fd, _LOCK_EX_NB)
-            return
-        except OSError as e:
-            if e.errno not in _BUSY:
-                raise
-    _lock_waiting(lf)
+            if _try_lock(lf.fd):
+                return
+        _lock_waiting(lf)
+
+
+def _try_lock(fd: int) -> bool:
+    """One non-blocking attempt at the file lock: False if another process holds it."""
+    try:
+        _lockf(fd, _LOCK_EX_NB)
+        return True
+    except OSError as e:
+        if e.errno not in _BUSY:
+            raise
+        return False
 
 
 def enter(lf: LockFile) -> None:

@@ -100,3 +100,26 @@ def test_remove_refuses_an_invalid_key_before_locking(make_table, bad):
     with pytest.raises(InvalidKeyError):
         t.remove(bad)
     assert t._lockfile.depth == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=_KEYS)
+def test_get_encodes_like_the_writers(tmp_path_factory, key):
+    """get()'s inlined copy of key_tag's common case: same field, same errors."""
+    import npcalls
+    path = str(tmp_path_factory.mktemp("single") / "t")
+    t = npcalls.CallTable.create(path, 256, key_width=32)
+    try:
+        ref = _reference(key, 32, t._kf, t.seed)
+        if isinstance(ref, str):
+            with pytest.raises(InvalidKeyError) as e:
+                t.get(key)                       # type: ignore[arg-type]
+            assert str(e.value) == ref
+            return
+        assert t.get(key) is None                # type: ignore[arg-type]
+        assert t.start(key, 5)                   # type: ignore[arg-type]
+        assert t.get(key) == (5, npcalls.NOT_SET)   # type: ignore[arg-type]
+        assert t.get_many([key]).found[0]
+    finally:
+        t.close()
+        npcalls.CallTable.unlink(path)
