@@ -133,6 +133,13 @@ class Geometry:
         return self.capacity * self.max_load_ppm // 1_000_000
 
     @property
+    def tomb_limit(self) -> int:
+        """Tombstones the table tolerates before a writer rebuilds it (docs/format.md,
+        "Hashing and probing": 1/16 of the slots, or half the headroom above the
+        load limit if that is less, so that EMPTY slots remain for lookups to stop at)."""
+        return min(self.capacity >> 4, (self.capacity - self.limit) // 2)
+
+    @property
     def auto_grow(self) -> bool:
         return bool(self.flags & FLAG_AUTO_GROW)
 

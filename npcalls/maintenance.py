@@ -383,7 +383,7 @@ def make_room(path: str, m: Mapping, needed: int) -> Mapping | None:
         if new_cap > MAX_CAPACITY:          # as full as a table gets (or a corrupt count)
             raise TableFullError(count, needed, g.capacity, g.limit, path)
         return rebuild(path, m, new_cap)[0]
-    if ((count + tomb + needed > (g.limit + g.capacity) // 2 or tomb > probe.tomb_limit(g))
+    if ((count + tomb + needed > (g.limit + g.capacity) // 2 or tomb > g.tomb_limit)
             and rebuild_refusal(path, m) is None):
         # Tombstones (only ever left in buckets that were once full) lengthen
         # the walks of lookups for absent keys; rebuild before they matter.
@@ -422,6 +422,6 @@ def expire(path: str, m: Mapping, w: int, ended_before: int | None, started_befo
         with protocol.Operation(m.q, w):
             protocol.free_slots(m, w, slots)
         crashpoint("expire-removed")
-        if int(m.q[_W_TOMB]) > probe.tomb_limit(g) and rebuild_refusal(path, m) is None:
+        if int(m.q[_W_TOMB]) > g.tomb_limit and rebuild_refusal(path, m) is None:
             new = rebuild(path, m, g.capacity)[0]
     return (out if out is not None else len(slots)), new

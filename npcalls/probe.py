@@ -32,7 +32,7 @@ from .protocol import write_rows
 from .storage import Mapping
 
 __all__ = ["SingleKeyView", "home_bucket", "home_bucket_one", "lookup", "place", "Found", "rows_equal",
-           "row_is_stable", "overversioned", "probe_lengths", "find_one", "tomb_limit"]
+           "row_is_stable", "overversioned", "probe_lengths", "find_one"]
 
 _U = np.uint64
 _ONE = _U(1)
@@ -384,16 +384,6 @@ def probe_lengths(m: Mapping) -> np.ndarray:
 # ----------------------------------------------------------------------------- single keys
 # The same rules for one key at a time, in plain Python on the mapping: numpy's
 # per-call overhead would cost more than the whole operation.
-
-def tomb_limit(g: Any) -> int:
-    """Tombstones a table tolerates before a writer rebuilds it.
-
-    1/16 of the slots, and never so many that live rows under the load limit
-    plus tombstones could pass the midpoint between the limit and a full
-    table: some EMPTY slots must remain for lookups of absent keys to stop.
-    """
-    return min(g.capacity >> 4, (g.capacity - g.limit) // 2)
-
 
 class SingleKeyView(NamedTuple):
     """What a single-key operation needs of a mapping, in one tuple.

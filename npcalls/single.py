@@ -4,12 +4,16 @@ These run once per SIP transaction in every proxy worker, so they stay
 methods of :class:`~npcalls.CallTable` (through the :class:`SingleKeyOps`
 base class: an extra call level costs a measurable share of a microsecond
 operation) and work in plain Python on the mapping's words rather than
-through numpy.  ``start``/``stop`` and ``get`` inline the bucket walk of
-:func:`npcalls.probe.find_one` (docs/format.md, "Hashing and probing") and
-the row writes of :mod:`npcalls.protocol` (docs/format.md, "Writing"); the
-rare cases (a rebuilt or removed file, a crashed predecessor, a full table)
-go through :meth:`SingleKeyOps._write_one_locked`, built on those references.
-tests/test_protocol.py checks that both write the same bytes, and
+through numpy.  Every one of them finds its key with
+:func:`npcalls.probe.find_one` (``get`` excepted: it walks the buckets itself
+because it must also read each candidate row by the seqlock rule of
+docs/format.md, "Reading without a lock") and encodes it with
+:func:`key_tag`.  ``start``/``stop`` inline the row writes of
+:mod:`npcalls.protocol` (docs/format.md, "Writing"); the rare cases (a
+rebuilt or removed file, a crashed predecessor, a full table) go through
+:meth:`SingleKeyOps._write_one_locked`, built on those references.
+tests/test_protocol.py checks that both write the same bytes,
+tests/test_single.py checks the key encoding, and
 tests/test_model_hypothesis.py checks ``get`` against ``get_many`` (the
 vectorized probe) and a model.
 """
@@ -195,7 +199,7 @@ class SingleKeyOps:
         if not insert:
             return False
         g = m.geometry
-        if m.q[_W_COUNT] >= g.limit or m.q[_W_TOMB] > probe.tomb_limit(g):
+        if m.q[_W_COUNT] >= g.limit or m.q[_W_TOMB] > g.tomb_limit:
             m, w = self._make_room_locked(m, 1)
             slot, free = probe.find_one(self._fast, field, tag)
         with protocol.Operation(m.q, w):

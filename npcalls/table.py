@@ -149,7 +149,7 @@ class CallTable(SingleKeyOps):
         # Limits before the tuple: a thread that already sees the new mapping
         # in _fast must not use the old file's (smaller) limits with it.
         self._limit = g.limit
-        self._tomb_limit = probe.tomb_limit(g)
+        self._tomb_limit = g.tomb_limit
         self._g = g
         self._kw = g.key_width
         self._kf = g.key_field

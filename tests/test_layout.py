@@ -149,6 +149,12 @@ def test_geometry_follows_the_documented_formulas(capacity, key_width):
     assert g.file_size == g.rows_offset + g.capacity * g.row_size
     assert g.seed == (1 << 64) - 1                       # stored as u64
     assert g.max_load_ppm == 750_000 and g.limit == g.capacity * 3 // 4
+    # "a writer rebuilds the table when tombstones pass 1/16 of the slots (or
+    # half the headroom between the load limit and the capacity, if less)"
+    assert g.tomb_limit == min(g.capacity // 16, (g.capacity - g.limit) // 2)
+    tight = make_geometry(capacity, key_width, seed=1, max_load=0.95, created_ns=5)
+    assert tight.tomb_limit == min(tight.capacity // 16, (tight.capacity - tight.limit) // 2)
+    assert tight.limit + 2 * tight.tomb_limit <= tight.capacity
 
 
 @pytest.mark.parametrize("kw", [
