@@ -179,7 +179,7 @@ _watch_pid = os.getpid()
 def _lock_waiting(lf: LockFile) -> None:
     """Block until the lock is ours; a watchdog thread reports a wait past WAIT_REPORT_S.
 
-    Only reached when the lock stayed taken through :func:`_lock_ex`'s spin,
+    Only reached when the lock stayed taken through :func:`_lock_busy`'s spin,
     so the uncontended path costs one system call and a short wait none.
     """
     global _watch_thread, _watch_lock, _watch_pid
@@ -248,7 +248,15 @@ _yield = os.sched_yield
 
 
 def _lock_ex(lf: LockFile) -> None:
-    """Take the file lock: one non-blocking attempt, a short spin, then a reported wait.
+    """Take the file lock: one non-blocking attempt, then :func:`_lock_busy`."""
+    try:
+        _lockf(lf.fd, _LOCK_EX_NB)
+    except OSError as e:
+        _lock_busy(lf, e)
+
+
+def _lock_busy(lf: LockFile, e: OSError) -> None:
+    """The first attempt at the file lock failed with ``e``: a short spin, then a reported wait.
 
     Writers hold the lock for a few microseconds per single-key operation,
     while a waiter that sleeps in ``F_SETLKW`` pays a wake-up (an
@@ -258,38 +266,39 @@ def _lock_ex(lf: LockFile) -> None:
     operation.  So a writer that finds the lock taken first retries
     ``SPIN_TRIES`` times, yielding the CPU between tries (on a busy machine the
     holder may be waiting for this very core), and only then blocks, with
-    the watchdog that reports long waits.
+    the watchdog that reports long waits.  An error other than "held by
+    another process" is raised.
     """
-    if not _try_lock(lf.fd):
-        for _ in range(SPIN_TRIES):
-            _yield()
-            if _try_lock(lf.fd):
-                return
-        _lock_waiting(lf)
-
-
-def _try_lock(fd: int) -> bool:
-    """One non-blocking attempt at the file lock: False if another process holds it."""
-    try:
-        _lockf(fd, _LOCK_EX_NB)
-        return True
-    except OSError as e:
+    for _ in range(SPIN_TRIES):
         if e.errno not in _BUSY:
-            raise
-        return False
+            raise e
+        _yield()
+        try:
+            _lockf(lf.fd, _LOCK_EX_NB)
+            return
+        except OSError as again:
+            e = again
+    if e.errno not in _BUSY:
+        raise e
+    _lock_waiting(lf)
 
 
 def enter(lf: LockFile) -> None:
     """Take this process's writer lock on ``lf`` (re-entrant within a thread).
 
     The thread lock first, then, at the outermost level only, the file lock
-    (uncontended: one non-blocking system call).  :meth:`WriterLock.__enter__`
-    and the single-key write of :class:`~npcalls.CallTable` use this.
+    (uncontended: one non-blocking system call, made here rather than through
+    :func:`_lock_ex` to save a call level on the hot path).
+    :meth:`WriterLock.__enter__` and the single-key writes of
+    :class:`~npcalls.CallTable` use this.
     """
     lf.rlock.acquire()
     if lf.depth == 0:
         try:
-            _lock_ex(lf)
+            try:
+                _lockf(lf.fd, _LOCK_EX_NB)
+            except OSError as e:
+                _lock_busy(lf, e)
         except BaseException:
             lf.rlock.release()
             raise
