@@ -296,7 +296,7 @@ class CallTable(SingleKeyOps):
             return
         self._closed = True
         self._lockfile = None
-        self._fast = _CLOSED_FAST
+        self._fast = _closed_view(self._path, self._g)
         if self._rl is not None:
             self._rl.close()
         if self._lock is not None:
@@ -871,13 +871,19 @@ class _SharedReadCallTable(CallTable):
 class _ClosedWords:
     """Stands in for the header words of a closed table: any access says so."""
 
+    def __init__(self, path: str) -> None:
+        self.path = path
+
     def __getitem__(self, i: int) -> int:
-        raise TableClosedError("table is closed")
+        raise TableClosedError(f"table {self.path} is closed")
 
 
-_CLOSED_FAST = tuple(probe.SingleKeyView(
-    mm=None, mv=None, q=_ClosedWords(), qi=None, nb=1, tags_off=0, rows_off=0, rs=0,
-    unpack_row=None, pack_row=None, kw=1 << 30, kf=8, seed=0))
+def _closed_view(path: str, g: Any) -> tuple[Any, ...]:
+    """The single-key view of a closed handle: keys are still checked against the
+    table's width, and the first touch of the table raises TableClosedError."""
+    return tuple(probe.SingleKeyView(
+        mm=None, mv=None, q=_ClosedWords(path), qi=None, nb=1, tags_off=0, rows_off=0, rs=0,
+        unpack_row=None, pack_row=None, kw=g.key_width, kf=g.key_field, seed=g.seed))
 
 
 class _Unnamed:

@@ -242,13 +242,18 @@ def test_close_is_idempotent_and_every_call_then_fails(table):
     for what, call in calls.items():
         try:
             call()
-        except TableClosedError:
+        except TableClosedError as e:
+            if table.path not in str(e):        # the message names the table
+                wrong[what] = repr(e)
             continue
         except Exception as e:          # noqa: BLE001 - collected to report every call at once
             wrong[what] = repr(e)
         else:
             wrong[what] = "no error"
     assert not wrong, f"expected TableClosedError from: {wrong}"
+    # a bad key is still a bad key for this table's width
+    with pytest.raises(InvalidKeyError, match="key width of 64 bytes"):
+        table.start("x" * 65)
 
 
 def test_closing_one_handle_leaves_others_working(table):
