@@ -620,6 +620,39 @@ class _NullHandle(Handle):
             f()
 
 
+class _StopwatchHandle(_NullHandle):
+    """No lock either: times what start() does between enter and leave (the critical section)."""
+
+    def __init__(self) -> None:
+        self.total = self.count = self.t = 0
+        clock = time.perf_counter_ns
+
+        def lock() -> None:
+            self.t = clock()
+
+        def unlock() -> None:
+            self.total += clock() - self.t
+            self.count += 1
+        self.lock, self.unlock = lock, unlock      # type: ignore[method-assign]
+
+
+def critical_section_ns(T: Any, keys: list[str]) -> float:
+    """Mean ns that one start() of a new key spends between taking and dropping the lock."""
+    h = _StopwatchHandle()
+    swap_lock(h)
+    try:
+        bench_core.single_op_loops(T, {}, None)["np_start"](keys)
+    finally:
+        swap_lock(None)
+        T.remove_many(keys)
+    clock = time.perf_counter_ns
+    t0 = clock()
+    for _ in range(10_000):                 # the stopwatch's own cost, taken off
+        clock()
+    own = (clock() - t0) / 10_000
+    return h.total / h.count - own
+
+
 class NoLock(Cand):
     """Not a lock: two no-op calls, the floor any lock's start() could reach."""
 
@@ -642,27 +675,36 @@ def candidates(cext_so: str | None) -> list[Cand]:
 
 # ====================================================================== (a) lock pair
 
-def pair_cost(c: Cand, n: int, repeats: int) -> dict[str, float]:
-    """Median ns of one uncontended lock + unlock pair (wall and CPU)."""
-    h = c.attach()
+def _pair_once(h: Handle, n: int) -> tuple[float, float]:
+    """ns per uncontended lock + unlock pair over ``n`` pairs: (wall, CPU)."""
+    gc.collect()
+    gc.disable()
     try:
-        h.pair_loop(min(n, 2000))           # warm
-        walls, cpus = [], []
-        for _ in range(repeats):
-            gc.collect()
-            gc.disable()
-            try:
-                c0, t0 = time.process_time(), time.perf_counter()
-                h.pair_loop(n)
-                t1, c1 = time.perf_counter(), time.process_time()
-            finally:
-                gc.enable()
-            walls.append((t1 - t0) / n * 1e9)
-            cpus.append((c1 - c0) / n * 1e9)
+        c0, t0 = time.process_time(), time.perf_counter()
+        h.pair_loop(n)
+        t1, c1 = time.perf_counter(), time.process_time()
     finally:
-        h.close()
-    return {"wall_ns": statistics.median(walls), "cpu_ns": statistics.median(cpus),
-            "wall_all": walls}
+        gc.enable()
+    return (t1 - t0) / n * 1e9, (c1 - c0) / n * 1e9
+
+
+def pair_costs(cs: list[Cand], n: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """Median ns of one uncontended pair per candidate; the candidates take turns in
+    every repeat, so a change of the machine's load hits them all alike."""
+    hs = {c.key: c.attach() for c in cs}
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in hs}
+    try:
+        for h in hs.values():
+            h.pair_loop(min(n, 2000))       # warm
+        for _ in range(repeats):
+            for k, h in hs.items():
+                runs[k].append(_pair_once(h, n))
+    finally:
+        for h in hs.values():
+            h.close()
+    return {k: {"wall_ns": statistics.median(w for w, _ in v),
+                "cpu_ns": statistics.median(c for _, c in v), "wall_all": [w for w, _ in v]}
+            for k, v in runs.items()}
 
 
 # ====================================================================== (b) two processes
@@ -907,15 +949,37 @@ def swap_lock(h: Handle | None) -> None:
         np_single._enter, np_single._leave = _patched(h)
 
 
-def start_cost(T: Any, keys: list[list[str]]) -> float:
-    """Median ns of T.start on new keys (bench_core's loop), each run's keys removed after."""
-    run = bench_core.single_op_loops(T, {}, None)["np_start"]
-    out = []
-    for ks in keys:
-        dt, _ = bench_core.timed(lambda: run(ks))
-        out.append(dt / len(ks) * 1e9)
-        T.remove_many(ks)
-    return statistics.median(out)
+def start_costs(T: Any, env: Any, cs: list[Cand], runs: list[list[str]]) -> dict[str, list[float]]:
+    """ns per op of LMDB put, today's start() and start() with each candidate as the lock.
+
+    Every run's keys go through each contender in turn (bench_core's loops;
+    the keys are removed again after each, not timed), so all see the same
+    keys at the same load factor and the same machine load.
+    """
+    start = bench_core.single_op_loops(T, {}, None)["np_start"]
+    lput = bench_core.single_op_loops(None, {}, env)["l_put"]
+    hs = {c.key: c.attach() for c in cs if c.key != "enter"}
+    out: dict[str, list[float]] = {"lmdb put": [], "today": [], **{k: [] for k in hs}}
+    try:
+        for ks in runs:
+            kb = [k.encode() for k in ks]
+            dt, _ = bench_core.timed(lambda: lput(kb))
+            out["lmdb put"].append(dt / len(kb) * 1e9)
+            with env.begin(write=True) as txn:
+                for k in kb:
+                    txn.delete(k)
+            for k, h in [("today", None), *hs.items()]:
+                swap_lock(h)
+                try:
+                    dt, _ = bench_core.timed(lambda: start(ks))
+                finally:
+                    swap_lock(None)
+                out[k].append(dt / len(ks) * 1e9)
+                T.remove_many(ks)
+    finally:
+        for h in hs.values():
+            h.close()
+    return out
 
 
 _WRITER = """
@@ -995,8 +1059,12 @@ def main(argv: list[str] | None = None) -> int:
         if CAS is None:
             say("  candidate 6 left out: no libatomic (no compare-and-swap reachable from ctypes)")
 
-        # peers and today's start(), on a table / database of --preload keys
-        say("peers: LMDB put (own write txn), npcalls start() ...")
+        # (a) the pair, candidates taking turns
+        say("(a) uncontended lock pairs ...")
+        pairs = pair_costs(cs, a.pairs, a.repeats)
+
+        # (d1) start() and LMDB put, on a table / database of --preload keys, taking turns
+        say("(d) start() with each candidate, LMDB put ...")
         m = max(1000, a.writer_ops // 2)
         pool = bench_core.make_call_ids(a.preload + m * a.repeats, 20240601)
         pre, fresh = pool[:a.preload], pool[a.preload:]
@@ -1006,70 +1074,56 @@ def main(argv: list[str] | None = None) -> int:
         env = res.new_lmdb()
         with env.begin(write=True) as txn:
             txn.cursor().putmulti([(k.encode(), b"\0" * 16) for k in pre])
-        lput = bench_core.single_op_loops(None, {}, env)["l_put"]
-        lput_ns = []
-        for ks in runs:
-            kb = [k.encode() for k in ks]
-            dt, _ = bench_core.timed(lambda: lput(kb))
-            lput_ns.append(dt / len(kb) * 1e9)
-            with env.begin(write=True) as txn:
-                for k in kb:
-                    txn.delete(k)
-        lmdb_put = statistics.median(lput_ns)
-        start_today = start_cost(T, runs)
+        single = start_costs(T, env, cs, runs)
+        crit = critical_section_ns(T, runs[0])
+        lmdb_put, start_today = statistics.median(single["lmdb put"]), statistics.median(single["today"])
         say(f"  LMDB put {lmdb_put:,.0f} ns, npcalls start() {start_today:,.0f} ns "
             f"({start_today / lmdb_put:.2f}x)")
-        say("peers: two writer processes (targets.py's harness), LMDB and npcalls ...")
-        two: dict[str, list[float]] = {"lmdb": [], "npcalls": []}
-        tname = f"{res.prefix}-writers"
+
+        # (d2) two writers: LMDB and today's npcalls (targets.py's harness), then each
+        # candidate swapped in (the same shape of process), alternating in every round
+        say("(d) two writer processes: LMDB, npcalls today, each candidate ...")
+        two: dict[str, list[float]] = {"lmdb": [], "npcalls": [],
+                                       **{c.key: [] for c in cs if c.key not in ("none", "enter")}}
         for r in range(a.rounds):
-            npcalls.CallTable.create(tname, capacity=8 * a.writer_ops, key_width=64).close()
-            try:
-                two["npcalls"].append(targets._writers("npcalls", tname, a.writer_ops, 2))
-            finally:
-                npcalls.CallTable.unlink(tname)
-            where = os.path.join(work, f"lmdb-w-{r}")
-            os.makedirs(where)
-            two["lmdb"].append(targets._writers("lmdb", where, a.writer_ops, 2))
-            shutil.rmtree(where, ignore_errors=True)
+            for k in two:
+                tn = f"{res.prefix}-w-{k}-{r}"
+                if k == "lmdb":
+                    where = os.path.join(work, f"lmdb-w-{r}")
+                    os.makedirs(where)
+                    two[k].append(targets._writers("lmdb", where, a.writer_ops, 2))
+                    shutil.rmtree(where, ignore_errors=True)
+                    continue
+                npcalls.CallTable.create(tn, capacity=8 * a.writer_ops, key_width=64).close()
+                try:
+                    if k == "npcalls":
+                        two[k].append(targets._writers("npcalls", tn, a.writer_ops, 2))
+                    else:
+                        two[k].append(writers_with(next(c for c in cs if c.key == k),
+                                                   a.writer_ops, tn))
+                finally:
+                    npcalls.CallTable.unlink(tn)
         lmdb2, np2 = statistics.median(two["lmdb"]), statistics.median(two["npcalls"])
         say(f"  LMDB {lmdb2:,.0f} ops/s, npcalls start() {np2:,.0f} ops/s ({np2 / lmdb2:.2f}x)")
-        out["peers"] = {"lmdb_put_ns": lmdb_put, "lmdb_put_all": lput_ns,
-                        "start_today_ns": start_today, "two_writers": two,
-                        "lmdb_two_writers": lmdb2, "npcalls_two_writers": np2}
+        out["peers"] = {"lmdb_put_ns": lmdb_put, "lmdb_put_all": single["lmdb put"],
+                        "start_today_ns": start_today, "start_today_all": single["today"],
+                        "two_writers": two, "lmdb_two_writers": lmdb2, "npcalls_two_writers": np2,
+                        "crit_ns": crit}
 
         for c in cs:
-            say(f"{c.title} ...")
-            d: dict[str, Any] = {"title": c.title, "compiled": c.compiled}
-            d["pair"] = pair_cost(c, a.pairs, a.repeats)
+            say(f"(b), (c): {c.title} ...")
+            d: dict[str, Any] = {"title": c.title, "compiled": c.compiled, "pair": pairs[c.key]}
+            c.prepare(work)
             d["contend"] = contend(c, a.cycles)
-            if c.key == "none":         # two writers without a lock would corrupt the table
-                h = c.attach()
-                swap_lock(h)
-                try:
-                    d["start_ns"] = start_cost(T, runs)
-                finally:
-                    swap_lock(None)
-                out["cands"][c.key] = d
+            if c.key in single:
+                d["start_ns"] = statistics.median(single[c.key])
+                d["start_all"] = single[c.key]
+            if c.key in two:
+                d["two_writers"] = statistics.median(two[c.key])
+                d["two_writers_all"] = two[c.key]
+            out["cands"][c.key] = d
+            if c.key == "none":
                 continue
-            if c.key != "enter":
-                h = c.attach()
-                swap_lock(h)
-                try:
-                    d["start_ns"] = start_cost(T, runs)
-                finally:
-                    swap_lock(None)
-                    h.close()
-                w2 = []
-                for r in range(a.rounds):
-                    tn = f"{res.prefix}-w-{c.key}-{r}"
-                    npcalls.CallTable.create(tn, capacity=8 * a.writer_ops, key_width=64).close()
-                    try:
-                        w2.append(writers_with(c, a.writer_ops, tn))
-                    finally:
-                        npcalls.CallTable.unlink(tn)
-                d["two_writers"] = statistics.median(w2)
-                d["two_writers_all"] = w2
             # last: a killed holder may leave a non-robust lock taken (a fresh file each)
             for name, check in (("kill", lambda: check_kill(c, False, a.kill_limit_ms)[0]),
                                 ("kill_child", lambda: check_kill(c, True, a.kill_limit_ms)[0]),
@@ -1109,10 +1163,11 @@ def report(out: dict[str, Any], a: argparse.Namespace) -> None:
         f"two npcalls writers today {p['npcalls_two_writers']:,.0f} ops/s "
         f"({p['npcalls_two_writers'] / lm2:.2f}x)")
     say()
-    say(f"(a) uncontended pair, (b) 2 processes x {a.cycles:,} lock/counter+=1/unlock cycles, "
-        f"(d) start() with the candidate as the lock")
+    say(f"(a) uncontended pair, (b) 2 processes x {a.cycles:,} lock/counter+=1/unlock cycles "
+        "(lost: counter updates lost, 0 unless the lock fails to exclude), "
+        "(d) start() with the candidate as the lock")
     hdr = (f"{'candidate':58} {'pair ns':>8} {'cpu ns':>7} {'/put':>5} | {'2-proc ops/s':>12} "
-           f"{'/LMDB2':>6} {'fair':>5} {'excl':>4} | {'start ns':>8} {'/put':>5} "
+           f"{'/LMDB2':>6} {'fair':>5} {'lost':>4} | {'start ns':>8} {'/put':>5} "
            f"{'2 writers':>9} {'/LMDB2':>6}")
     say(hdr)
     say("-" * len(hdr))
@@ -1122,7 +1177,7 @@ def report(out: dict[str, Any], a: argparse.Namespace) -> None:
             b = f"{ct['error']:>36}"
         else:
             b = (f"{ct['ops_per_s']:>12,.0f} {ct['ops_per_s'] / lm2:>5.2f}x {ct['fairness']:>5.2f} "
-                 f"{'yes' if ct['exclusive'] else 'NO':>4}")
+                 f"{2 * a.cycles - ct['count']:>4}")
         if "two_writers" in d:
             s = (f"{d['start_ns']:>8,.0f} {d['start_ns'] / lput:>4.2f}x {d['two_writers']:>9,.0f} "
                  f"{d['two_writers'] / lm2:>5.2f}x")
@@ -1132,6 +1187,11 @@ def report(out: dict[str, Any], a: argparse.Namespace) -> None:
             s = f"{'(= today, above)':>38}"
         say(f"{d['title'][:58]:58} {pr['wall_ns']:>8,.0f} {pr['cpu_ns']:>7,.0f} "
             f"{pr['wall_ns'] / lput:>4.2f}x | {b} | {s}")
+    crit = p.get("crit_ns")
+    if crit:
+        say(f"start() spends {crit:,.0f} ns between enter and leave (stopwatch, no lock): two "
+            f"writers serialised on it reach at most {1e9 / crit:,.0f} ops/s with a free lock, "
+            f"{1e9 / crit / lm2:.2f}x LMDB's two writers")
     say()
     say(f"(c) safety: holder SIGKILLed -> lock free within {a.kill_limit_ms:.0f} ms (alone / while "
         "a child it forked lives on); fork child cannot lock through the inherited handle; "
