@@ -239,6 +239,49 @@ class _EnterHandle(Handle):
         self.wl.close()
 
 
+_LOCK_EX_TODAY = locking._lock_ex
+_MAIN_PID = os.getpid()
+
+
+def _lock_ex_first_try(lf: Any, _lockf: Any = fcntl.lockf,
+                       _ex: int = fcntl.LOCK_EX | fcntl.LOCK_NB) -> None:
+    """locking._lock_ex with its first attempt ahead of the spin loop (same semantics:
+    when the lock is taken, today's function runs as before, one more try included)."""
+    try:
+        _lockf(lf.fd, _ex)
+        return
+    except OSError as e:
+        if e.errno not in BUSY:
+            raise
+    _LOCK_EX_TODAY(lf)
+
+
+class _EnterFirstTryHandle(_EnterHandle):
+    """Today's enter/leave, with locking._lock_ex swapped while it is in use."""
+
+    def __init__(self, wl: locking.WriterLock) -> None:
+        super().__init__(wl)
+        loop = self.pair_loop
+        if os.getpid() != _MAIN_PID:        # a forked worker: the swap is for the whole process
+            locking._lock_ex = _lock_ex_first_try
+
+        def scoped(n: int) -> None:
+            locking._lock_ex = _lock_ex_first_try
+            try:
+                loop(n)
+            finally:
+                locking._lock_ex = _LOCK_EX_TODAY
+        self.pair_loop = scoped             # type: ignore[method-assign]
+
+
+class EnterFirstTry(EnterLeave):
+    key = "enter1st"
+    title = "1c. enter/leave, _lock_ex's 1st try before its spin loop"
+
+    def attach(self) -> Handle:
+        return _EnterFirstTryHandle(locking.WriterLock(self.path))
+
+
 class FcntlBytes(Cand):
     key, title, file_lock = "fcntl", "2. fcntl.fcntl F_SETLK(W), prebuilt struct flock", True
 
@@ -663,7 +706,8 @@ class NoLock(Cand):
 
 
 def candidates(cext_so: str | None) -> list[Cand]:
-    cs: list[Cand] = [NoLock(), Lockf(), EnterLeave(), FcntlBytes(), OsLockf(), Ofd(), PthreadCtypes()]
+    cs: list[Cand] = [NoLock(), Lockf(), EnterLeave(), EnterFirstTry(), FcntlBytes(), OsLockf(), Ofd(),
+                      PthreadCtypes()]
     if CAS is not None:
         cs.append(FutexCtypes())
     if cext_so:
@@ -943,14 +987,18 @@ def _patched(h: Handle) -> tuple[Callable[[Any], None], Callable[[Any], None]]:
 
 def swap_lock(h: Handle | None) -> None:
     """Make npcalls' single-key writes use ``h`` (None: the real lock again)."""
-    if h is None:
+    locking._lock_ex = _LOCK_EX_TODAY
+    if h is None or isinstance(h, _EnterHandle):
         np_single._enter, np_single._leave = locking.enter, locking.leave
+        if isinstance(h, _EnterFirstTryHandle):
+            locking._lock_ex = _lock_ex_first_try
     else:
         np_single._enter, np_single._leave = _patched(h)
 
 
-def start_costs(T: Any, env: Any, cs: list[Cand], runs: list[list[str]]) -> dict[str, list[float]]:
-    """ns per op of LMDB put, today's start() and start() with each candidate as the lock.
+def start_costs(T: Any, env: Any, cs: list[Cand],
+                runs: list[list[str]]) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) ns per op of LMDB put, today's start() and start() with each candidate.
 
     Every run's keys go through each contender in turn (bench_core's loops;
     the keys are removed again after each, not timed), so all see the same
@@ -959,27 +1007,41 @@ def start_costs(T: Any, env: Any, cs: list[Cand], runs: list[list[str]]) -> dict
     start = bench_core.single_op_loops(T, {}, None)["np_start"]
     lput = bench_core.single_op_loops(None, {}, env)["l_put"]
     hs = {c.key: c.attach() for c in cs if c.key != "enter"}
-    out: dict[str, list[float]] = {"lmdb put": [], "today": [], **{k: [] for k in hs}}
+    out: dict[str, list[tuple[float, float]]] = {"lmdb put": [], "today": [], **{k: [] for k in hs}}
+
+    def per_op(fn: Callable[[], Any], n: int) -> tuple[float, float]:
+        # as bench_core.timed (cyclic GC collected first, then off), CPU time too
+        gc.collect()
+        gc.disable()
+        try:
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            t1, c1 = time.perf_counter(), time.process_time()
+        finally:
+            gc.enable()
+        return (t1 - t0) / n * 1e9, (c1 - c0) / n * 1e9
     try:
         for ks in runs:
             kb = [k.encode() for k in ks]
-            dt, _ = bench_core.timed(lambda: lput(kb))
-            out["lmdb put"].append(dt / len(kb) * 1e9)
+            out["lmdb put"].append(per_op(lambda: lput(kb), len(kb)))
             with env.begin(write=True) as txn:
                 for k in kb:
                     txn.delete(k)
             for k, h in [("today", None), *hs.items()]:
                 swap_lock(h)
                 try:
-                    dt, _ = bench_core.timed(lambda: start(ks))
+                    out[k].append(per_op(lambda: start(ks), len(ks)))
                 finally:
                     swap_lock(None)
-                out[k].append(dt / len(ks) * 1e9)
                 T.remove_many(ks)
     finally:
         for h in hs.values():
             h.close()
     return out
+
+
+def _med(v: list[tuple[float, float]], i: int) -> float:
+    return statistics.median(x[i] for x in v)
 
 
 _WRITER = """
@@ -1076,7 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
             txn.cursor().putmulti([(k.encode(), b"\0" * 16) for k in pre])
         single = start_costs(T, env, cs, runs)
         crit = critical_section_ns(T, runs[0])
-        lmdb_put, start_today = statistics.median(single["lmdb put"]), statistics.median(single["today"])
+        lmdb_put, start_today = _med(single["lmdb put"], 0), _med(single["today"], 0)
         say(f"  LMDB put {lmdb_put:,.0f} ns, npcalls start() {start_today:,.0f} ns "
             f"({start_today / lmdb_put:.2f}x)")
 
@@ -1105,8 +1167,10 @@ def main(argv: list[str] | None = None) -> int:
                     npcalls.CallTable.unlink(tn)
         lmdb2, np2 = statistics.median(two["lmdb"]), statistics.median(two["npcalls"])
         say(f"  LMDB {lmdb2:,.0f} ops/s, npcalls start() {np2:,.0f} ops/s ({np2 / lmdb2:.2f}x)")
-        out["peers"] = {"lmdb_put_ns": lmdb_put, "lmdb_put_all": single["lmdb put"],
-                        "start_today_ns": start_today, "start_today_all": single["today"],
+        out["peers"] = {"lmdb_put_ns": lmdb_put, "lmdb_put_cpu_ns": _med(single["lmdb put"], 1),
+                        "lmdb_put_all": single["lmdb put"], "start_today_ns": start_today,
+                        "start_today_cpu_ns": _med(single["today"], 1),
+                        "start_today_all": single["today"],
                         "two_writers": two, "lmdb_two_writers": lmdb2, "npcalls_two_writers": np2,
                         "crit_ns": crit}
 
@@ -1116,7 +1180,7 @@ def main(argv: list[str] | None = None) -> int:
             c.prepare(work)
             d["contend"] = contend(c, a.cycles)
             if c.key in single:
-                d["start_ns"] = statistics.median(single[c.key])
+                d["start_ns"], d["start_cpu_ns"] = _med(single[c.key], 0), _med(single[c.key], 1)
                 d["start_all"] = single[c.key]
             if c.key in two:
                 d["two_writers"] = statistics.median(two[c.key])
@@ -1151,15 +1215,17 @@ def main(argv: list[str] | None = None) -> int:
 def report(out: dict[str, Any], a: argparse.Namespace) -> None:
     say = bench_core.say
     p = out["peers"]
-    lput, lm2 = p["lmdb_put_ns"], p["lmdb_two_writers"]
+    lput, lm2, lput_cpu = p["lmdb_put_ns"], p["lmdb_two_writers"], p["lmdb_put_cpu_ns"]
     m = out["machine"]
     say()
     say(f"WRITER LOCK CANDIDATES, one run ({m['elapsed_s']:.0f} s; load average at start "
         f"{m['load_start']}, at end {m['load_end']}; other processes kept "
         + (f"{m['other_cpus_busy']:.2f}" if m["other_cpus_busy"] is not None else "?")
         + f" of {os.cpu_count()} CPUs busy)")
-    say(f"peers: LMDB put in own write txn {lput:,.0f} ns; two LMDB writers {lm2:,.0f} ops/s; "
-        f"npcalls start() today {p['start_today_ns']:,.0f} ns ({p['start_today_ns'] / lput:.2f}x put), "
+    say(f"peers: LMDB put in own write txn {lput:,.0f} ns (CPU {lput_cpu:,.0f}); two LMDB writers "
+        f"{lm2:,.0f} ops/s; npcalls start() today {p['start_today_ns']:,.0f} ns "
+        f"({p['start_today_ns'] / lput:.2f}x put; CPU {p['start_today_cpu_ns']:,.0f}, "
+        f"{p['start_today_cpu_ns'] / lput_cpu:.2f}x), "
         f"two npcalls writers today {p['npcalls_two_writers']:,.0f} ops/s "
         f"({p['npcalls_two_writers'] / lm2:.2f}x)")
     say()
@@ -1167,7 +1233,7 @@ def report(out: dict[str, Any], a: argparse.Namespace) -> None:
         "(lost: counter updates lost, 0 unless the lock fails to exclude), "
         "(d) start() with the candidate as the lock")
     hdr = (f"{'candidate':58} {'pair ns':>8} {'cpu ns':>7} {'/put':>5} | {'2-proc ops/s':>12} "
-           f"{'/LMDB2':>6} {'fair':>5} {'lost':>4} | {'start ns':>8} {'/put':>5} "
+           f"{'/LMDB2':>6} {'fair':>5} {'lost':>4} | {'start ns':>8} {'/put':>5} {'cpu ns':>7} {'/put':>5} "
            f"{'2 writers':>9} {'/LMDB2':>6}")
     say(hdr)
     say("-" * len(hdr))
@@ -1178,13 +1244,13 @@ def report(out: dict[str, Any], a: argparse.Namespace) -> None:
         else:
             b = (f"{ct['ops_per_s']:>12,.0f} {ct['ops_per_s'] / lm2:>5.2f}x {ct['fairness']:>5.2f} "
                  f"{2 * a.cycles - ct['count']:>4}")
-        if "two_writers" in d:
-            s = (f"{d['start_ns']:>8,.0f} {d['start_ns'] / lput:>4.2f}x {d['two_writers']:>9,.0f} "
-                 f"{d['two_writers'] / lm2:>5.2f}x")
-        elif "start_ns" in d:
-            s = f"{d['start_ns']:>8,.0f} {d['start_ns'] / lput:>4.2f}x {'(unsafe)':>9} {'':>6}"
+        if "start_ns" in d:
+            s = (f"{d['start_ns']:>8,.0f} {d['start_ns'] / lput:>4.2f}x {d['start_cpu_ns']:>7,.0f} "
+                 f"{d['start_cpu_ns'] / lput_cpu:>4.2f}x ")
+            s += (f"{d['two_writers']:>9,.0f} {d['two_writers'] / lm2:>5.2f}x" if "two_writers" in d
+                  else f"{'(unsafe)':>9} {'':>6}")
         else:
-            s = f"{'(= today, above)':>38}"
+            s = f"{'(= today, in the peers line)':>52}"
         say(f"{d['title'][:58]:58} {pr['wall_ns']:>8,.0f} {pr['cpu_ns']:>7,.0f} "
             f"{pr['wall_ns'] / lput:>4.2f}x | {b} | {s}")
     crit = p.get("crit_ns")
