@@ -9,10 +9,12 @@ For every candidate lock:
     finisher's) and a lost-update check (the counter must end at 2N);
 (c) the safety properties a script can check cheaply, PASS/FAIL;
 (d) npcalls ``start()`` itself with the candidate in place of the lock
-    (``npcalls.single``'s ``_enter``/``_leave`` swapped, in this process
-    only: npcalls/locking.py is not changed), single-process and as two
-    writer processes, against LMDB put in its own write transaction and two
-    LMDB writers (bench_core's and targets.py's own harnesses).
+    (``npcalls.single``'s ``_enter``/``_leave`` swapped in this process and
+    its writer subprocesses only: npcalls/locking.py is not changed),
+    single-process and as two writer processes, against LMDB put in its own
+    write transaction and two LMDB writers (bench_core's and targets.py's
+    own harnesses); and, with a stopwatch in place of the lock, the time
+    ``start()`` holds it, which bounds two writers whatever the lock costs.
 
 Run from the repository root::
 
@@ -1093,7 +1095,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="two-writer rounds (median) (d)")
     ap.add_argument("--preload", type=int, default=200_000,
                     help="keys in the table and the LMDB database before single ops")
-    ap.add_argument("--kill-limit-ms", type=float, default=1000.0)
+    ap.add_argument("--kill-limit-ms", type=float, default=1000.0,
+                    help="a SIGKILLed holder's lock must be free within this (c)")
     ap.add_argument("--no-cext", action="store_true", help="skip candidate 7 (C extension)")
     ap.add_argument("--json", help="also write every figure here")
     a = ap.parse_args(argv)
@@ -1102,6 +1105,8 @@ def main(argv: list[str] | None = None) -> int:
             5_000, 3, 5_000, 5_000, 1, 50_000
     if bench_core.lmdb is None:
         ap.error("py-lmdb is missing: install the dev extras (pip install -e '.[dev]')")
+    # SIGTERM unwinds like Ctrl-C, so the tables, LMDB and lock files below are removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     work = tempfile.mkdtemp(prefix="npcalls-bench-locks-", dir="/dev/shm"
                             if os.path.isdir("/dev/shm") else None)
     res = bench_core.Resources()
