@@ -245,45 +245,6 @@ _LOCK_EX_TODAY = locking._lock_ex
 _MAIN_PID = os.getpid()
 
 
-def _lock_ex_first_try(lf: Any, _lockf: Any = fcntl.lockf,
-                       _ex: int = fcntl.LOCK_EX | fcntl.LOCK_NB) -> None:
-    """locking._lock_ex with its first attempt ahead of the spin loop (same semantics:
-    when the lock is taken, today's function runs as before, one more try included)."""
-    try:
-        _lockf(lf.fd, _ex)
-        return
-    except OSError as e:
-        if e.errno not in BUSY:
-            raise
-    _LOCK_EX_TODAY(lf)
-
-
-class _EnterFirstTryHandle(_EnterHandle):
-    """Today's enter/leave, with locking._lock_ex swapped while it is in use."""
-
-    def __init__(self, wl: locking.WriterLock) -> None:
-        super().__init__(wl)
-        loop = self.pair_loop
-        if os.getpid() != _MAIN_PID:        # a forked worker: the swap is for the whole process
-            locking._lock_ex = _lock_ex_first_try
-
-        def scoped(n: int) -> None:
-            locking._lock_ex = _lock_ex_first_try
-            try:
-                loop(n)
-            finally:
-                locking._lock_ex = _LOCK_EX_TODAY
-        self.pair_loop = scoped             # type: ignore[method-assign]
-
-
-class EnterFirstTry(EnterLeave):
-    key = "enter1st"
-    title = "1c. enter/leave, _lock_ex's 1st try before its spin loop"
-
-    def attach(self) -> Handle:
-        return _EnterFirstTryHandle(locking.WriterLock(self.path))
-
-
 class FcntlBytes(Cand):
     key, title, file_lock = "fcntl", "2. fcntl.fcntl F_SETLK(W), prebuilt struct flock", True
 
@@ -708,7 +669,7 @@ class NoLock(Cand):
 
 
 def candidates(cext_so: str | None) -> list[Cand]:
-    cs: list[Cand] = [NoLock(), Lockf(), EnterLeave(), EnterFirstTry(), FcntlBytes(), OsLockf(), Ofd(),
+    cs: list[Cand] = [NoLock(), Lockf(), EnterLeave(), FcntlBytes(), OsLockf(), Ofd(),
                       PthreadCtypes()]
     if CAS is not None:
         cs.append(FutexCtypes())
@@ -992,8 +953,6 @@ def swap_lock(h: Handle | None) -> None:
     locking._lock_ex = _LOCK_EX_TODAY
     if h is None or isinstance(h, _EnterHandle):
         np_single._enter, np_single._leave = locking.enter, locking.leave
-        if isinstance(h, _EnterFirstTryHandle):
-            locking._lock_ex = _lock_ex_first_try
     else:
         np_single._enter, np_single._leave = _patched(h)
 
