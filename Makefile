@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_lifecycle.py
 	$(BIN)/python bench/bench_analysis.py
 	$(BIN)/python bench/bench_exporter.py
+	$(BIN)/python bench/bench_locks.py
 
 # Kamailio with and without npcalls recording (needs the system packages)
 bench-kamailio: $(STAMP) system-deps
