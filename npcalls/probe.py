@@ -419,7 +419,9 @@ def find_one(fast: tuple[Any, ...], field: bytes, tag: int) -> tuple[int, int]:
     b = ((tag >> 32) * nb) >> 32
     free = -1
     rk = rows_off + 24
-    for _ in range(nb):
+    left = nb               # a countdown, not range(): ~2% of a start() (same-process A/B)
+    while left:
+        left -= 1
         blk = _TAGS8.unpack_from(mv, tags_off + (b << 6))
         if tag in blk:
             j = blk.index(tag)
