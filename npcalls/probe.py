@@ -279,7 +279,7 @@ def _scan_bucket(m: Mapping, i: int, bucket: int, tag: int, want: np.ndarray, sl
             continue
         if np.array_equal(row[3:], want):
             slot[i] = s
-            if start is not None:
+            if start is not _NO_ROWS:            # want_rows
                 start[i] = row[1:2].view(np.int64)[0]
                 end[i] = row[2:3].view(np.int64)[0]
             return _FOUND
