@@ -225,13 +225,19 @@ def record_locked(m: Mapping, w: int, idx: np.ndarray | None, keyq: np.ndarray, 
         out[hit_rows if idx is None else idx[hit_rows]] = True
         q[counter] += int(np.count_nonzero(rec))
     # Calls that got their second time in this batch enter the duration histogram.
-    s_old = np.where(found, f.start, NOT_SET)
-    e_old = np.where(found, f.end, NOT_SET)
-    s_new = np.where(s_old != NOT_SET, s_old, np.where(found, upd_vals[1], new_vals[1]))
-    e_new = np.where(e_old != NOT_SET, e_old, np.where(found, upd_vals[2], new_vals[2]))
-    done = (s_new != NOT_SET) & (e_new != NOT_SET) & ((s_old == NOT_SET) | (e_old == NOT_SET))
-    if done.any():
-        protocol.observe_durations(q, e_new[done] - s_new[done])
+    # A new call gets both times only from a batch that gives both: otherwise
+    # only the calls found can be done, and a batch of new calls skips this.
+    sel: Any = (slice(None) if sv is not None and ev is not None
+                else np.flatnonzero(found))
+    fnd = found[sel]
+    if len(fnd):
+        s_old = np.where(fnd, f.start[sel], NOT_SET)
+        e_old = np.where(fnd, f.end[sel], NOT_SET)
+        s_new = np.where(s_old != NOT_SET, s_old, np.where(fnd, upd_vals[1][sel], new_vals[1][sel]))
+        e_new = np.where(e_old != NOT_SET, e_old, np.where(fnd, upd_vals[2][sel], new_vals[2][sel]))
+        done = (s_new != NOT_SET) & (e_new != NOT_SET) & ((s_old == NOT_SET) | (e_old == NOT_SET))
+        if done.any():
+            protocol.observe_durations(q, e_new[done] - s_new[done])
     crashpoint("batch-fields-set")
     if len(new_groups):
         fields = kq.view(f"S{m.geometry.key_field}").reshape(len(kq))

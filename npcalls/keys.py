@@ -132,7 +132,10 @@ def encode_keys(keys: Any, key_width: int, key_field: int) -> EncodedKeys:
         else:
             ok = False
         if ok and len(joined) <= n * key_width:
-            fields = np.array(keys, dtype=dt)
+            # Every key is a str here (the join said so): fromiter converts them
+            # as np.array would, without its pass discovering the shape (~30% less).
+            fields = (np.fromiter(keys, dtype=dt, count=n) if type(joined) is str
+                      else np.array(keys, dtype=dt))
             lens = np.strings.str_len(fields)
             if fields.shape == (n,) and int(lens.sum()) == len(joined):
                 bad_mask = lens == 0

@@ -361,6 +361,9 @@ def _place(m: Mapping, tag: np.ndarray, fields: np.ndarray, key_index: np.ndarra
         okb = bb if allok else bb[ok]
         s = okb * BUCKET + j
         reused += int(np.count_nonzero(np.take(m.tags, s) == TOMBSTONE))
+        if allok and rounds == 1:       # the common case: every key in its home bucket
+            write_rows(m, s, tag, fields[key_index], start, end, seq_odd)
+            return s, rounds, reused
         k = pend if allok else pend[ok]
         write_rows(m, s, tag[k], fields[key_index[k]], start[k], end[k], seq_odd)
         slots[k] = s
