@@ -62,11 +62,14 @@ class Groups(NamedTuple):
         Group number (0..g-1, ascending) of each row of the *sorted* batch.
     first : numpy.ndarray
         Sorted-batch position of the first row of each group.
+    tags : numpy.ndarray
+        The tags in that order (``tag[order]``).
     """
 
     order: np.ndarray
     group: np.ndarray
     first: np.ndarray
+    tags: np.ndarray
 
 
 def group_sorted(tag: np.ndarray, keyq: np.ndarray) -> Groups:
@@ -81,9 +84,9 @@ def group_sorted(tag: np.ndarray, keyq: np.ndarray) -> Groups:
     """
     n = len(tag)
     order = bucket_order(tag)
-    if n < 2:
-        return Groups(order, np.zeros(n, np.int64), np.zeros(min(n, 1), np.int64))
     ts = tag[order]
+    if n < 2:
+        return Groups(order, np.zeros(n, np.int64), np.zeros(min(n, 1), np.int64), ts)
     hi = ts >> _U(32)
     same_hi = hi[1:] == hi[:-1]
     cand = np.flatnonzero(same_hi)
@@ -101,7 +104,7 @@ def group_sorted(tag: np.ndarray, keyq: np.ndarray) -> Groups:
             eq = (ts[cand] == ts[cand + 1]) & rows_equal(keyq[a], keyq[b])
         newgroup[cand + 1] = ~eq
     group = np.cumsum(newgroup) - 1
-    return Groups(order, group, np.flatnonzero(newgroup))
+    return Groups(order, group, np.flatnonzero(newgroup), ts)
 
 
 def _regroup_mixed_runs(order: np.ndarray, tag: np.ndarray, keyq: np.ndarray,
@@ -181,7 +184,7 @@ def record_locked(m: Mapping, w: int, idx: np.ndarray | None, keyq: np.ndarray, 
     grp = group_sorted(t, kq)
     o = grp.order
     rep = o[grp.first]                  # position of each key's first row
-    rt = t[rep]
+    rt = grp.tags[grp.first]            # t[rep], read in order
     while True:
         f = probe.lookup(m, rt, kq, consistent=False, want_rows=True, key_index=rep)
         found = f.slot >= 0
@@ -259,7 +262,7 @@ def remove_locked(m: Mapping, w: int, tag: np.ndarray, keyq: np.ndarray) -> tupl
     """
     grp = group_sorted(tag, keyq)
     rep = grp.order[grp.first]
-    f = probe.lookup(m, tag[rep], keyq, consistent=False, want_rows=False, key_index=rep)
+    f = probe.lookup(m, grp.tags[grp.first], keyq, consistent=False, want_rows=False, key_index=rep)
     hit = np.flatnonzero(f.slot >= 0)
     if len(hit):
         with protocol.Operation(m.q, w):
