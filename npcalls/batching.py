@@ -210,10 +210,13 @@ def record_locked(m: Mapping, w: int, idx: np.ndarray | None, keyq: np.ndarray, 
         rows = np.flatnonzero(v != NOT_SET)
         if not len(rows):
             continue
-        g = gid[rows]
-        lead = np.ones(len(rows), bool)
-        lead[1:] = g[1:] != g[:-1]
-        win, wg = rows[lead], g[lead]   # the first row with a value, per key
+        if ngroups == len(gid):         # no key twice: each row is its key's only one
+            win = wg = rows
+        else:
+            g = gid[rows]
+            lead = np.ones(len(rows), bool)
+            lead[1:] = g[1:] != g[:-1]
+            win, wg = rows[lead], g[lead]   # the first row with a value, per key
         fnd = found[wg]
         cur = (f.start if col == 1 else f.end)[wg]
         upd = fnd & (cur == NOT_SET)
