@@ -62,11 +62,14 @@ class Groups(NamedTuple):
         Group number (0..g-1, ascending) of each row of the *sorted* batch.
     first : numpy.ndarray
         Sorted-batch position of the first row of each group.
+    tags : numpy.ndarray
+        The tags in that order (``tag[order]``).
     """
 
     order: np.ndarray
     group: np.ndarray
     first: np.ndarray
+    tags: np.ndarray
 
 
 def group_sorted(tag: np.ndarray, keyq: np.ndarray) -> Groups:
@@ -81,9 +84,9 @@ def group_sorted(tag: np.ndarray, keyq: np.ndarray) -> Groups:
     """
     n = len(tag)
     order = bucket_order(tag)
-    if n < 2:
-        return Groups(order, np.zeros(n, np.int64), np.zeros(min(n, 1), np.int64))
     ts = tag[order]
+    if n < 2:
+        return Groups(order, np.zeros(n, np.int64), np.zeros(min(n, 1), np.int64), ts)
     hi = ts >> _U(32)
     same_hi = hi[1:] == hi[:-1]
     cand = np.flatnonzero(same_hi)
@@ -101,7 +104,7 @@ def group_sorted(tag: np.ndarray, keyq: np.ndarray) -> Groups:
             eq = (ts[cand] == ts[cand + 1]) & rows_equal(keyq[a], keyq[b])
         newgroup[cand + 1] = ~eq
     group = np.cumsum(newgroup) - 1
-    return Groups(order, group, np.flatnonzero(newgroup))
+    return Groups(order, group, np.flatnonzero(newgroup), ts)
 
 
 def _regroup_mixed_runs(order: np.ndarray, tag: np.ndarray, keyq: np.ndarray,
@@ -181,7 +184,7 @@ def record_locked(m: Mapping, w: int, idx: np.ndarray | None, keyq: np.ndarray, 
     grp = group_sorted(t, kq)
     o = grp.order
     rep = o[grp.first]                  # position of each key's first row
-    rt = t[rep]
+    rt = grp.tags[grp.first]            # t[rep], read in order
     while True:
         f = probe.lookup(m, rt, kq, consistent=False, want_rows=True, key_index=rep)
         found = f.slot >= 0
@@ -207,10 +210,13 @@ def record_locked(m: Mapping, w: int, idx: np.ndarray | None, keyq: np.ndarray, 
         rows = np.flatnonzero(v != NOT_SET)
         if not len(rows):
             continue
-        g = gid[rows]
-        lead = np.ones(len(rows), bool)
-        lead[1:] = g[1:] != g[:-1]
-        win, wg = rows[lead], g[lead]   # the first row with a value, per key
+        if ngroups == len(gid):         # no key twice: each row is its key's only one
+            win = wg = rows
+        else:
+            g = gid[rows]
+            lead = np.ones(len(rows), bool)
+            lead[1:] = g[1:] != g[:-1]
+            win, wg = rows[lead], g[lead]   # the first row with a value, per key
         fnd = found[wg]
         cur = (f.start if col == 1 else f.end)[wg]
         upd = fnd & (cur == NOT_SET)
@@ -225,13 +231,19 @@ def record_locked(m: Mapping, w: int, idx: np.ndarray | None, keyq: np.ndarray, 
         out[hit_rows if idx is None else idx[hit_rows]] = True
         q[counter] += int(np.count_nonzero(rec))
     # Calls that got their second time in this batch enter the duration histogram.
-    s_old = np.where(found, f.start, NOT_SET)
-    e_old = np.where(found, f.end, NOT_SET)
-    s_new = np.where(s_old != NOT_SET, s_old, np.where(found, upd_vals[1], new_vals[1]))
-    e_new = np.where(e_old != NOT_SET, e_old, np.where(found, upd_vals[2], new_vals[2]))
-    done = (s_new != NOT_SET) & (e_new != NOT_SET) & ((s_old == NOT_SET) | (e_old == NOT_SET))
-    if done.any():
-        protocol.observe_durations(q, e_new[done] - s_new[done])
+    # A new call gets both times only from a batch that gives both: otherwise
+    # only the calls found can be done, and a batch of new calls skips this.
+    sel: Any = (slice(None) if sv is not None and ev is not None
+                else np.flatnonzero(found))
+    fnd = found[sel]
+    if len(fnd):
+        s_old = np.where(fnd, f.start[sel], NOT_SET)
+        e_old = np.where(fnd, f.end[sel], NOT_SET)
+        s_new = np.where(s_old != NOT_SET, s_old, np.where(fnd, upd_vals[1][sel], new_vals[1][sel]))
+        e_new = np.where(e_old != NOT_SET, e_old, np.where(fnd, upd_vals[2][sel], new_vals[2][sel]))
+        done = (s_new != NOT_SET) & (e_new != NOT_SET) & ((s_old == NOT_SET) | (e_old == NOT_SET))
+        if done.any():
+            protocol.observe_durations(q, e_new[done] - s_new[done])
     crashpoint("batch-fields-set")
     if len(new_groups):
         fields = kq.view(f"S{m.geometry.key_field}").reshape(len(kq))
@@ -253,7 +265,7 @@ def remove_locked(m: Mapping, w: int, tag: np.ndarray, keyq: np.ndarray) -> tupl
     """
     grp = group_sorted(tag, keyq)
     rep = grp.order[grp.first]
-    f = probe.lookup(m, tag[rep], keyq, consistent=False, want_rows=False, key_index=rep)
+    f = probe.lookup(m, grp.tags[grp.first], keyq, consistent=False, want_rows=False, key_index=rep)
     hit = np.flatnonzero(f.slot >= 0)
     if len(hit):
         with protocol.Operation(m.q, w):

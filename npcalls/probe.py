@@ -215,7 +215,7 @@ def _lookup(m: Mapping, tag: np.ndarray, keyq: np.ndarray, *, consistent: bool,
         eqw = _bool_words(blk == (tag[pend] if rounds > 1 else tag)[:, None])
         has_empty = _bool_words(blk == EMPTY) != 0
         status = np.zeros(len(pend), np.int8)
-        hit = np.flatnonzero(eqw)
+        hit = np.flatnonzero(eqw != 0)            # (nonzero of a bool array is ~7x faster)
         if len(hit):
             w = eqw[hit]
             multi = (w & (w - _ONE)) != 0          # two equal tags in one bucket: 2**-64 rare
@@ -361,6 +361,9 @@ def _place(m: Mapping, tag: np.ndarray, fields: np.ndarray, key_index: np.ndarra
         okb = bb if allok else bb[ok]
         s = okb * BUCKET + j
         reused += int(np.count_nonzero(np.take(m.tags, s) == TOMBSTONE))
+        if allok and rounds == 1:       # the common case: every key in its home bucket
+            write_rows(m, s, tag, fields[key_index], start, end, seq_odd)
+            return s, rounds, reused
         k = pend if allok else pend[ok]
         write_rows(m, s, tag[k], fields[key_index[k]], start[k], end[k], seq_odd)
         slots[k] = s

@@ -9,7 +9,7 @@ replaces the file and every handle follows it at its next operation.
 
 This module holds the handle's state (the current mapping, the lock, the
 read mode), checks arguments and calls the layers: :mod:`npcalls.single`
-(start/stop/remove/get, a base class), :mod:`npcalls.batching`,
+(start/stop/remove/get, a base class), :mod:`npcalls.many` (the batches),
 :mod:`npcalls.scan`, :mod:`npcalls.maintenance`, :mod:`npcalls.lifecycle`.
 """
 
@@ -21,24 +21,20 @@ import secrets
 import struct
 import threading
 import time
-from typing import Any, Callable, Generic, Iterator, NamedTuple, Sequence, TypeVar, overload
+from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar, overload
 
 import numpy as np
 
-from . import batching, lifecycle, maintenance, probe, protocol, scan
+from . import batching, lifecycle, maintenance, many, probe, protocol, scan
 from .errors import (
-    BatchKeyError,
     NpcallsError,
     ReadOnlyError,
     TableClosedError,
     TableNotFoundError,
 )
-from .hashing import tags_of
-from .keys import EncodedKeys, encode_keys
 from .layout import (
     DEFAULT_MAX_LOAD,
     FLAG_AUTO_GROW,
-    NOT_SET,
     W,
     make_geometry,
 )
@@ -46,24 +42,17 @@ from .locking import WriterLock, lock_holder
 from .readlock import SHARED, SharedReadLock, resolve_read_mode
 from .single import SingleKeyOps
 from .storage import Mapping, open_mapping, resolve, sweep_temps
-from .timestamps import to_ns, to_ns_array
+from .timestamps import to_ns
 
 __all__ = ["CallTable", "Stats", "Counters", "GetManyResult", "CheckReport"]
 
 from .maintenance import CheckReport  # noqa: E402  (re-exported)
+from .many import GetManyResult  # noqa: E402  (re-exported)
 from .scan import Counters, Stats  # noqa: E402  (re-exported)
 
 _T = TypeVar("_T")
 _W_STATE, _W_WSEQ, _W_COUNT = W["state"], W["wseq"], W["count"]
 _W_LOCK = W["lock_ino"]
-
-
-class GetManyResult(NamedTuple):
-    """What :meth:`CallTable.get_many` returns: arrays aligned with the keys."""
-
-    start: np.ndarray
-    end: np.ndarray
-    found: np.ndarray
 
 
 class _ReadOnly(Generic[_T]):
@@ -451,19 +440,18 @@ class CallTable(SingleKeyOps):
 
     # ------------------------------------------------------------------ batches
 
-    def _encode_batch(self, keys: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
-        enc = encode_keys(keys, self._kw, self._kf)
-        n = len(enc.fields)
-        keyq = enc.fields.view(np.uint64).reshape(n, self._kf // 8)
-        tag = tags_of(enc.fields, self._seed)
-        return enc.fields, keyq, tag, enc
+    def _codec(self) -> many.KeyCodec:
+        return many.KeyCodec(self._kw, self._kf, self._seed)
 
-    @staticmethod
-    def _raise_bad(enc: Any, keys: Any, result: Any, errors: str) -> None:
-        if len(enc.bad) and errors == "raise":
-            if not hasattr(keys, "__getitem__"):
-                keys = _Unnamed()
-            raise BatchKeyError(enc.bad, enc.reasons, keys, result)
+    def _writer_side(self) -> many.WriterSide:
+        """What the batch writes need of this handle (:class:`npcalls.many.WriterSide`)."""
+        return many.WriterSide(self._codec(), self._writable_lock, self._begin_locked,
+                               self._make_room_locked)
+
+    def _finish(self, out: many.Outcome, keys: Any, errors: str) -> Any:
+        if out.rounds is not None:
+            self.last_rounds = out.rounds
+        return many.finish(out, keys, errors)
 
     def get_many(self, keys: Sequence[str | bytes] | np.ndarray, *,
                  errors: str = "raise") -> GetManyResult:
@@ -487,63 +475,14 @@ class CallTable(SingleKeyOps):
             ``(start, end, found)``: int64, int64 and bool arrays aligned with
             ``keys``; start/end are NOT_SET where not found or not recorded.
         """
-        _check_errors_arg(errors)
-        batch = batching.as_batch(keys)
-        if len(batch) > batching.SLICE:
-            return self._get_many_sliced(batch, keys, errors)     # bounded memory
-        fields, keyq, tag, enc = self._encode_batch(batch)
-        valid = _valid_index(len(fields), enc.bad)
-        if valid is None:
-            f = self._lookup_read(tag, keyq)
-            res = GetManyResult(f.start, f.end, f.slot >= 0)
-        else:
-            f = self._lookup_read(tag[valid], keyq[valid])
-            n = len(fields)
-            start = np.full(n, NOT_SET, np.int64)
-            end = np.full(n, NOT_SET, np.int64)
-            found = np.zeros(n, bool)
-            start[valid], end[valid], found[valid] = f.start, f.end, f.slot >= 0
-            res = GetManyResult(start, end, found)
-        self.last_rounds = f.rounds
-        self._raise_bad(enc, keys, res, errors)
-        return res
-
-    def _get_many_sliced(self, batch: Any, keys: Any, errors: str) -> GetManyResult:
-        """:meth:`get_many` of a large batch, slice by slice (npcalls.batching.run_in_slices)."""
-        n = len(batch)
-        start = np.full(n, NOT_SET, np.int64)
-        end = np.full(n, NOT_SET, np.int64)
-        found = np.zeros(n, bool)
-        rounds = [0]
-
-        def step(a: int, b: int) -> tuple[np.ndarray, list]:
-            _, keyq, tag, enc = self._encode_batch(batch[a:b])
-            valid = _valid_index(b - a, enc.bad)
-            if valid is None:
-                f = self._lookup_read(tag, keyq)
-                start[a:b], end[a:b], found[a:b] = f.start, f.end, f.slot >= 0
-                rounds.append(f.rounds)
-            elif len(valid):
-                f = self._lookup_read(tag[valid], keyq[valid])
-                at = valid + a
-                start[at], end[at], found[at] = f.start, f.end, f.slot >= 0
-                rounds.append(f.rounds)
-            return enc.bad, enc.reasons
-
-        bad, reasons = batching.run_in_slices(n, batching.SLICE, step)
-        res = GetManyResult(start, end, found)
-        self.last_rounds = max(rounds)
-        self._raise_bad(EncodedKeys(np.empty(0, "S8"), bad, reasons), keys, res, errors)
-        return res
+        return self._finish(many.get_many(keys, self._codec(), self._lookup_read, errors),
+                            keys, errors)
 
     def contains_many(self, keys: Sequence[str | bytes] | np.ndarray, *,
                       errors: str = "raise") -> np.ndarray:
         """Boolean array: which keys are present (invalid keys: see :meth:`get_many`)."""
-        try:
-            return self.get_many(keys, errors=errors).found
-        except BatchKeyError as e:
-            e.result = e.result.found
-            raise
+        out = many.get_many(keys, self._codec(), self._lookup_read, errors)
+        return self._finish(out._replace(result=out.result.found), keys, errors)
 
     def _lookup_read(self, tag: np.ndarray, keyq: np.ndarray) -> probe.Found:
         """A reader's batch lookup, in this handle's read mode."""
@@ -570,8 +509,8 @@ class CallTable(SingleKeyOps):
         numpy.ndarray
             bool per key: True where this call recorded the start.
         """
-        started, _ = self._record(keys, ts, None, insert=True, errors=errors, want="start")
-        return started
+        return self._finish(many.record(keys, ts, None, self._writer_side(), insert=True,
+                                        errors=errors, want="start"), keys, errors)
 
     def stop_many(self, keys: Sequence[str | bytes] | np.ndarray, ts: Any = None, *,
                   insert_missing: bool = False, errors: str = "raise") -> np.ndarray:
@@ -581,8 +520,9 @@ class CallTable(SingleKeyOps):
         records end-only calls for the keys not present, as :meth:`stop` does.
         Returns a bool per key: True where this call recorded the end.
         """
-        _, ended = self._record(keys, None, ts, insert=insert_missing, errors=errors, want="end")
-        return ended
+        return self._finish(many.record(keys, None, ts, self._writer_side(),
+                                        insert=insert_missing, errors=errors, want="end"),
+                            keys, errors)
 
     def record_many(self, keys: Sequence[str | bytes] | np.ndarray, start: Any = None,
                     end: Any = None, *, insert: bool = True,
@@ -601,122 +541,14 @@ class CallTable(SingleKeyOps):
         (numpy.ndarray, numpy.ndarray)
             bool per key: whether its start, and its end, were recorded.
         """
-        return self._record(keys, start, end, insert=insert, errors=errors, want="both",
-                            allow_unset=True)
-
-    def _record(self, keys: Any, start_ts: Any, end_ts: Any, *, insert: bool, errors: str,
-                want: str, allow_unset: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        _check_errors_arg(errors)
-        lock = self._writable_lock()
-        batch = batching.as_batch(keys)
-        if len(batch) > batching.SLICE:
-            # bounded memory: see npcalls.batching.run_in_slices
-            return self._record_sliced(batch, keys, start_ts, end_ts, insert, errors, want,
-                                       allow_unset)
-        fields, keyq, tag, enc = self._encode_batch(batch)
-        n = len(fields)
-        sv = _times(start_ts, n, allow_unset or want == "end")
-        ev = _times(end_ts, n, allow_unset or want == "start")
-        started = np.zeros(n, bool)
-        ended = np.zeros(n, bool)
-        valid = _valid_index(n, enc.bad)
-        if n and (valid is None or len(valid)):
-            lock.acquire()
-            try:
-                self._record_locked(valid, keyq, tag, sv, ev, insert, started, ended)
-            finally:
-                lock.release()
-        self._raise_bad(enc, keys, (started if want == "start" else ended if want == "end"
-                                    else (started, ended)), errors)
-        return started, ended
-
-    def _record_sliced(self, batch: Any, keys: Any, start_ts: Any, end_ts: Any, insert: bool,
-                       errors: str, want: str, allow_unset: bool) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`_record` of a large batch, slice by slice under one hold of the lock.
-
-        All timestamps are validated first (nothing is written if one is bad).
-        Slicing is skipped when the table might not hold every key of the
-        batch (and cannot grow): a batch that would overfill the table must
-        change nothing, which only the whole batch's lookup can tell.
-        """
-        n = len(batch)
-        sv = _times(start_ts, n, allow_unset or want == "end")
-        ev = _times(end_ts, n, allow_unset or want == "start")
-        started = np.zeros(n, bool)
-        ended = np.zeros(n, bool)
-        rounds = [0]
-
-        def step(a: int, b: int) -> tuple[np.ndarray, list]:
-            _, keyq, tag, enc = self._encode_batch(batch[a:b])
-            valid = _valid_index(b - a, enc.bad)
-            if valid is None or len(valid):
-                self._record_locked(valid, keyq, tag, None if sv is None else sv[a:b],
-                                    None if ev is None else ev[a:b], insert, started[a:b],
-                                    ended[a:b])
-                rounds.append(self.last_rounds)
-            return enc.bad, enc.reasons
-
-        lock = self._writable_lock()
-        lock.acquire()
-        try:
-            m, _ = self._begin_locked()
-            g = self._g
-            size = (batching.SLICE if g.auto_grow or int(m.q[_W_COUNT]) + n <= g.limit
-                    else n)
-            bad, reasons = batching.run_in_slices(n, size, step)
-        finally:
-            lock.release()
-        self.last_rounds = max(rounds)
-        self._raise_bad(EncodedKeys(np.empty(0, "S8"), bad, reasons), keys,
-                        (started if want == "start" else ended if want == "end"
-                         else (started, ended)), errors)
-        return started, ended
-
-    def _record_locked(self, idx: np.ndarray | None, keyq: np.ndarray, tag: np.ndarray,
-                       sv: np.ndarray | None, ev: np.ndarray | None, insert: bool,
-                       started: np.ndarray, ended: np.ndarray) -> None:
-        m, w = self._begin_locked()
-        self.last_rounds = batching.record_locked(m, w, idx, keyq, tag, sv, ev, insert, started,
-                                                  ended, self._make_room_locked)
+        return self._finish(many.record(keys, start, end, self._writer_side(), insert=insert,
+                                        errors=errors, want="both", allow_unset=True),
+                            keys, errors)
 
     def remove_many(self, keys: Sequence[str | bytes] | np.ndarray, *,
                     errors: str = "raise") -> np.ndarray:
         """Remove many calls; bool per key, True where this call removed it."""
-        _check_errors_arg(errors)
-        lock = self._writable_lock()
-        batch = batching.as_batch(keys)
-        if len(batch) > batching.SLICE:
-            # bounded memory: slices of at most SLICE keys, under one hold of the lock
-            removed = np.zeros(len(batch), bool)
-
-            def step(a: int, b: int) -> tuple[np.ndarray, list]:
-                try:
-                    removed[a:b] = self.remove_many(batch[a:b])
-                    return np.empty(0, np.intp), []
-                except BatchKeyError as e:
-                    removed[a:b] = e.result
-                    return e.positions, e.reasons
-
-            with lock:
-                bad, reasons = batching.run_in_slices(len(batch), batching.SLICE, step)
-            self._raise_bad(EncodedKeys(np.empty(0, "S8"), bad, reasons), keys, removed, errors)
-            return removed
-        fields, keyq, tag, enc = self._encode_batch(batch)
-        n = len(fields)
-        removed = np.zeros(n, bool)
-        valid = _valid_index(n, enc.bad)
-        idx = np.arange(n) if valid is None else valid
-        if len(idx):
-            lock.acquire()
-            try:
-                m, w = self._begin_locked()
-                t, kq = (tag, keyq) if valid is None else (tag[idx], keyq[idx])
-                hit, self.last_rounds = batching.remove_locked(m, w, t, kq)
-                removed[idx[hit]] = True
-            finally:
-                lock.release()
-        self._raise_bad(enc, keys, removed, errors)
-        return removed
+        return self._finish(many.remove_many(keys, self._writer_side(), errors), keys, errors)
 
     # ------------------------------------------------------------------ whole table
 
@@ -884,30 +716,3 @@ def _closed_view(path: str, g: Any) -> tuple[Any, ...]:
     return tuple(probe.SingleKeyView(
         mm=None, mv=None, q=_ClosedWords(path), qi=None, nb=1, tags_off=0, rows_off=0, rs=0,
         unpack_row=None, pack_row=None, kw=g.key_width, kf=g.key_field, seed=g.seed))
-
-
-class _Unnamed:
-    """Stands in for keys that came from an iterator and can no longer be shown."""
-
-    def __getitem__(self, i: int) -> str:
-        return f"<key #{i}>"
-
-
-def _check_errors_arg(errors: str) -> None:
-    if errors not in ("raise", "ignore"):
-        raise ValueError(f"errors must be 'raise' or 'ignore', not {errors!r}")
-
-
-def _valid_index(n: int, bad: np.ndarray) -> np.ndarray | None:
-    if not len(bad):
-        return None
-    keep = np.ones(n, bool)
-    keep[bad] = False
-    return np.flatnonzero(keep)
-
-
-def _times(ts: Any, n: int, allow_unset: bool) -> np.ndarray | None:
-    """A batch's timestamps, validated in full before any write begins."""
-    if ts is None and allow_unset:
-        return None
-    return to_ns_array(ts, n, allow_unset)

@@ -286,8 +286,15 @@ def test_random_batches_equal_single_calls_in_order(pair, seed):
             got = batch_t.contains_many(kin)
             assert got.tolist() == [k in single_t for k in keys], where
         assert rows(batch_t) == rows(single_t), where
+        assert counted(batch_t) == counted(single_t), where
         model = rows(batch_t)
         assert len(batch_t) == len(single_t) == len(model)
+
+
+def counted(t: CallTable) -> tuple:
+    """The header's call counters and duration histogram (what monitors read)."""
+    c = t.counters()
+    return c.n_started, c.n_stopped, c.n_removed, c.duration_buckets, c.duration_sum_s
 
 
 @pytest.mark.parametrize("insert", [True, False])

@@ -24,6 +24,7 @@ def _check_groups(tags: np.ndarray, keys: list[bytes]) -> None:
     g = group_sorted(tags, _keyq(keys))
     n = len(keys)
     assert sorted(g.order.tolist()) == list(range(n))                 # a permutation
+    assert np.array_equal(g.tags, tags[g.order])                       # the tags in that order
     hi = tags[g.order] >> _U(32)
     assert (hi[1:] >= hi[:-1]).all()                                   # bucket order
     ks = [keys[i] for i in g.order]

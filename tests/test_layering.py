@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("protocol",),                          # the words writers touch, and their order
     ("probe",),                             # finding keys (vectorized and single-key)
     ("batching", "scan", "lifecycle"),      # batch semantics, whole-table reads, files
-    ("maintenance", "single"),              # rebuild/grow/expire/check; start/stop/get
+    ("maintenance", "single", "many"),      # rebuild/grow/expire/check; start/stop/get; *_many
     ("display",),                           # names CallTable for type checking only
     ("table",),                             # CallTable, the facade
 ]
@@ -81,7 +81,7 @@ def test_the_check_sees_imports_inside_functions_and_skips_typing_blocks(tmp_pat
 def test_every_core_module_has_a_layer():
     core = {"errors", "crashpoints", "hashing", "buckets", "files", "layout", "keys", "locking",
             "timestamps", "storage", "readlock", "protocol", "probe", "batching", "scan",
-            "lifecycle", "maintenance", "single", "display", "table"}
+            "lifecycle", "maintenance", "single", "many", "display", "table"}
     assert core == set(LAYER_OF)
     for m in core:
         assert (PKG / f"{m}.py").is_file(), m
