@@ -24,6 +24,7 @@ Counters come from the table itself, not from the exporter's memory:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -214,7 +215,7 @@ def _label(name: str) -> str:
     return base[len("npcalls."):] if base.startswith("npcalls.") and "/" in name else base
 
 
-class ExporterServer:
+class ExporterServer(contextlib.AbstractContextManager):
     """An HTTP server for ``/metrics`` on a thread; :meth:`close` stops it.
 
     Use :func:`serve` to make one.
@@ -259,10 +260,7 @@ class ExporterServer:
         self._thread.join()
         self.collector.close()
 
-    def __enter__(self) -> "ExporterServer":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: Any) -> None:       # __enter__ (returns self): the base class
         self.close()
 
 
