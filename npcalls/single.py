@@ -136,7 +136,8 @@ class SingleKeyOps:
         # ~0.5 us, a sixth of the operation).
         _enter(lf)
         try:
-            if q[_W_STATE] or q[_W_WSEQ] & _SLOW or q[_W_LOCK] != lf.ino:
+            w = q[_W_WSEQ]
+            if q[_W_STATE] or w & _SLOW or q[_W_LOCK] != lf.ino:
                 return self._write_one_locked(field, tag, ts, col, insert)
             # The home bucket settles nearly every call (docs/format.md, "Hashing
             # and probing"): the key is there, or the bucket has an EMPTY slot, so
@@ -156,7 +157,6 @@ class SingleKeyOps:
                 free = (hb << 3) + (min(j, blk.index(1)) if 1 in blk else j)
             else:
                 slot, free = _find_one(fast, field, tag)
-            w = q[_W_WSEQ]
             if slot >= 0:
                 o = (rows_off + slot * rs) >> 3
                 if qi[o + col] != NOT_SET:
