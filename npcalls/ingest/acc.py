@@ -58,8 +58,9 @@ Call-ID, if it is the last field, cannot be told from a complete one).
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -89,6 +90,18 @@ from .common import (
     show,
     too_long_reason,
 )
+
+try:
+    from . import _scan
+except ImportError:           # built without a C compiler: the numpy path does all the work
+    _scan = None  # type: ignore[assignment]
+
+USE_SCAN: bool = _scan is not None and os.environ.get("NPCALLS_INGEST_NUMPY", "") in ("", "0")
+"""Whether acc chunks go through the compiled scanner (:mod:`npcalls.ingest._scan`).
+
+False when the extension was not built, or with ``NPCALLS_INGEST_NUMPY=1`` in the
+environment (which the tests use to run the numpy path, the reference, in
+worker processes too).  Both paths give the same results."""
 
 __all__ = ["AccParser", "Parsed", "Problem", "parse_acc_text", "parse_cdr_text", "clean_eol"]
 
@@ -338,22 +351,34 @@ class _Rows:
     """The texts one pass captured and where each lies in its chunk (found only when asked).
 
     ``group``: the regex group whose start is a row's offset (what line numbers
-    are taken from); ``skip``: bytes from that offset to the row's text.
+    are taken from); ``skip``: bytes from that offset to the row's text.  The
+    compiled scanner gives the offsets and lengths instead of the texts
+    (``offsets``, ``lengths``); a row's text is then cut from the chunk when asked.
     """
 
-    def __init__(self, rows: list[bytes], chunk: bytes, rx: re.Pattern, group: int,
-                 skip: int) -> None:
+    def __init__(self, rows: list[bytes] | None, chunk: bytes, rx: re.Pattern, group: int,
+                 skip: int, offsets: np.ndarray | None = None,
+                 lengths: np.ndarray | None = None) -> None:
         self.rows, self.chunk, self.rx, self.group, self.skip = rows, chunk, rx, group, skip
-        self._offsets: list[int] | None = None
+        self._offsets: list[int] | None = None if offsets is None else offsets.tolist()
+        self._lengths = None if lengths is None else lengths.tolist()
 
     def offset(self, i: int) -> int:
         if self._offsets is None:
             self._offsets = [x.start(self.group) for x in self.rx.finditer(self.chunk)]
         return self._offsets[i]
 
+    def row(self, i: int) -> bytes:
+        """Row ``i`` as the pass captured it."""
+        if self.rows is not None:
+            return self.rows[i]
+        assert self._lengths is not None
+        off = self.offset(i) + self.skip
+        return self.chunk[off:off + self._lengths[i]]
+
     def text(self, i: int) -> bytes:
         """Row ``i`` up to its line's end (a capture stops at :data:`_REST` bytes)."""
-        row = self.rows[i]
+        row = self.row(i)
         if len(row) < _REST:
             return row
         off = self.offset(i) + self.skip
@@ -411,12 +436,17 @@ class AccParser:
         p.lines = count_lines(chunk)
         lines = ChunkLines(chunk, base_line)
         has_nul = b"\x00" in chunk
-        acc_rows = _ACC_RX.findall(chunk)
+        # the compiled scanner assumes no NUL byte in the text, nor in the shape it compares
+        # lines with; NULs are rare enough for the numpy path to take such chunks whole
+        scan = USE_SCAN and not has_nul and b"\x00" not in (self._shape["acc"] or ((), b""))[1]
+        acc_rows = [] if scan else _ACC_RX.findall(chunk)
         cdr_rx = _CDR_RX_BOL if self._bol_cdr else _CDR_RX
         # (the substring search skips a chunk without CDRs faster than the regex)
         cdr_rows = cdr_rx.findall(chunk) if self._bol_cdr or b" start_time=" in chunk else []
         slow_events: list[tuple[int, int, bytes, int, int]] = []   # (kind, row, cid, t1, t2)
-        if acc_rows:
+        if scan:
+            self._acc_scanned(chunk, lines, p, slow_events, source)
+        elif acc_rows:
             self._in_pass = 0
             self._acc(acc_rows, chunk, lines, has_nul, p, slow_events, source)
         if cdr_rows:
@@ -450,15 +480,26 @@ class AccParser:
 
         ``A`` must have a NUL after every row (an itemsize above the longest row).
         """
-        cut = np.zeros(len(A), bool)
+        if not cand.any():
+            return np.zeros(len(A), bool)
+        a = S.rfind(A, b";") + 1
+
+        def tails(k: int, rows: np.ndarray | None = None) -> np.ndarray:
+            return gather(m, a if rows is None else a[rows], None, k, rows)
+        return self._cut_by_tails(kind, tails, cand, text)
+
+    def _cut_by_tails(self, kind: str, tails: "Callable[..., np.ndarray]", cand: np.ndarray,
+                      text: "Callable[[int], bytes]") -> np.ndarray:
+        """:meth:`_cut_rows` given ``tails(k, rows=None)``: the ``k`` bytes after each
+        row's last ';' (after its start if none), zeros past the row's end."""
+        cut = np.zeros(len(cand), bool)
         if not cand.any():
             return cut
-        a = S.rfind(A, b";") + 1
         shape = self._shape[kind]
         if shape is None:
             # the most common last field of the input's first lines gives the shape
             first = np.flatnonzero(cand)[:1000]
-            g = gather(m, a[first], None, 24, first)
+            g = tails(24, first)
             g *= np.cumprod((g != 61) & (g != 0), axis=1, dtype=np.uint8)   # up to "=" or the end
             keys = g.view("S24").reshape(-1)
             vals, counts = np.unique(keys, return_counts=True)
@@ -471,7 +512,7 @@ class AccParser:
         for _ in range(3):
             ref, token = shape
             pat = np.frombuffer(token, np.uint8)
-            same = (gather(m, a, None, len(pat)) == pat).all(axis=1)
+            same = (tails(len(pat)) == pat).all(axis=1)
             sus = np.flatnonzero(cand & ~same).tolist()
             for i in sus:
                 if i not in names:
@@ -502,45 +543,71 @@ class AccParser:
 
     def _acc(self, rows: list[bytes], chunk: bytes, lines: ChunkLines, has_nul: bool, p: Parsed,
              slow_events: list, source: str) -> None:
-        # one byte wider than the longest row: every row ends with a NUL (see _cut_rows)
-        A = np.array(rows, f"S{max(map(len, rows)) + 1}")
-        if A.dtype.itemsize == 0:
-            A = A.astype("S1")
-        m = matrix(A)
-        # "<kind>: timestamp=S[;name=value...];method=M;from_tag=..;to_tag=..;call_id=C;code=NNN"
-        kpos = S.find(A, b": timestamp=")
-        p_m = S.find(A, b";method=", starts(kpos))
-        p_c = S.find(A, b";call_id=", starts(p_m))
-        p_k = S.find(A, b";code=", starts(p_c))
-        ok = (kpos > 0) & (p_m > kpos) & (p_c > p_m) & (p_k > p_c)
-        missed = S.startswith(A, b"call missed: ")
-        ended = S.startswith(A, b"call ended: ")
-        ok &= ~ended
-        t, tok = _acc_times(A, m, kpos, p_m, ok)
-        ok &= tok
-        # the method: INVITE and BYE at a glance, anything else checked as a token
-        g = gather(m, p_m + 8, None, 7)
-        is_inv = (g == _INVITE).all(axis=1)
-        is_bye = (g[:, :4] == _BYE).all(axis=1)
-        other = np.flatnonzero(ok & ~is_inv & ~is_bye)
-        if len(other):
-            sub = A[other]
-            me = find_in(sub, b";", p_m[other] + 8, p_c[other] + 1)
-            ok[other] &= S.isalpha(field(sub, p_m[other] + 8, me))
-        # the code: three digits, then ';' or the end of the line
-        g = gather(m, p_k + 6, None, 4)
-        ok &= ((g[:, :3] >= 48) & (g[:, :3] <= 57)).all(axis=1) & ((g[:, 3] == 59) | (g[:, 3] == 0))
-        c0 = g[:, 0]
+        f = _acc_fields(rows, has_nul, self.key_width)
+        assert f.A is not None and f.m is not None
         rt = _Rows(rows, chunk, _ACC_RX, 0, 5)
-        cut = self._cut_rows("acc", A, m, ~ended, rt.text)
-        ok &= ~cut
-        cid = field(A, p_c + 9, p_k, m)
-        kok, too_long, odd = key_check(cid, self.key_width, has_nul)
-        ok &= ~odd
-        if has_nul:
-            ok &= np.array([b"\x00" not in r for r in rows], bool)
-        two = (c0 == 50) & ~missed                  # 2xx
-        good = ok & kok
+        cut = self._cut_rows("acc", f.A, f.m, ~f.ended, rt.text)
+        self._acc_finish(f, cut, rt, lines, p, slow_events, source)
+
+    def _acc_scanned(self, chunk: bytes, lines: ChunkLines, p: Parsed, slow_events: list,
+                     source: str) -> None:
+        """:meth:`_acc` with the compiled scanner: it finds the rows and reads those of the
+        common shape; the numpy path reads the others, as it would have (no NUL in chunk)."""
+        assert _scan is not None
+        n, *cols = _scan.acc_rows(chunk)
+        if not n:
+            return
+        self._in_pass = 0
+        off, ln, t, cat, clen, tail = (np.frombuffer(c, np.int64) for c in cols[:6])
+        fl = np.frombuffer(cols[6], np.uint8)
+        simple = (fl & _scan.SIMPLE) != 0
+        missed = (fl & _scan.MISSED) != 0
+        ended = (fl & _scan.ENDED) != 0
+        is_inv = (fl & _scan.INVITE) != 0
+        is_bye = (fl & _scan.BYE) != 0
+        two = ((fl & _scan.TWO) != 0) & ~missed
+        ok = simple.copy()
+        t = t.copy()
+        start = off + 5
+        too_long = clen > self.key_width if self.key_width else np.zeros(n, bool)
+        kok = ~too_long
+        fm = np.frombuffer(chunk, np.uint8).reshape(1, -1)
+        gen = np.flatnonzero(~simple)
+        k = int(clen.max()) if len(gen) < n else 0
+        g = None
+        if len(gen):
+            s0, l0 = start[gen].tolist(), ln[gen].tolist()
+            g = _acc_fields([chunk[a:a + b] for a, b in zip(s0, l0)], False, self.key_width)
+            ok[gen], t[gen], is_inv[gen], is_bye[gen] = g.ok, g.t, g.is_inv, g.is_bye
+            two[gen], kok[gen], too_long[gen] = g.two, g.kok, g.too_long
+            k = max(k, g.cid.dtype.itemsize)
+        k = max(k, 1)
+        cid = np.zeros(n, f"S{k}")
+        sel = np.flatnonzero(simple)
+        if len(sel):
+            cid[sel] = field(None, start[sel] + cat[sel], start[sel] + cat[sel] + clen[sel], fm, k,
+                             np.zeros(len(sel), np.int64))
+        if g is not None:
+            cid[gen] = g.cid
+        a_abs = start + tail
+        rend = start + ln
+
+        def tails(k: int, rows: np.ndarray | None = None) -> np.ndarray:
+            aa, ee = (a_abs, rend) if rows is None else (a_abs[rows], rend[rows])
+            return gather(fm, aa, ee - aa, k, np.zeros(len(aa), np.int64))
+
+        rt = _Rows(None, chunk, _ACC_RX, 0, 5, off, ln)
+        cut = self._cut_by_tails("acc", tails, ~ended, rt.text)
+        self._acc_finish(_AccFields(None, None, ok, t, is_inv, is_bye, missed, ended, two, cid,
+                                    kok, too_long), cut, rt, lines, p, slow_events, source)
+
+    def _acc_finish(self, f: "_AccFields", cut: np.ndarray, rt: _Rows, lines: ChunkLines,
+                    p: Parsed, slow_events: list, source: str) -> None:
+        """Counts, problems and events of the acc rows, from their fields."""
+        ok = f.ok & ~cut
+        two, missed, is_inv, is_bye, too_long, t = f.two, f.missed, f.is_inv, f.is_bye, \
+            f.too_long, f.t
+        good = ok & f.kok
         start_row = good & two & is_inv
         end_row = good & two & is_bye
         p.failed += int(np.count_nonzero(good & (missed | (is_inv & ~two))))
@@ -550,10 +617,10 @@ class AccParser:
         tl = np.flatnonzero(ok & too_long & two & (is_inv | is_bye))
         p.acc_lines += int(np.count_nonzero(ok & too_long)) - len(tl)
         p.failed += int(np.count_nonzero(ok & too_long & (missed | (is_inv & ~two))))
-        self._slow_rows("acc", p, cid, tl, np.flatnonzero(~ok), cut, rt, slow_events, source,
+        self._slow_rows("acc", p, f.cid, tl, np.flatnonzero(~ok), cut, rt, slow_events, source,
                         lines)
         ev = start_row | end_row
-        keys = cid[ev]
+        keys = f.cid[ev]
         st = np.where(start_row, t, NOT_SET)[ev]
         en = np.where(end_row, t, NOT_SET)[ev]
         acc_ev = [e for e in slow_events if e[0] in (START, END)]
@@ -650,6 +717,63 @@ class AccParser:
             keys, s2, e2 = _merge(np.flatnonzero(answered), keys, s2, e2, slow_events)
         p.cdr_keys, p.cdr_start, p.cdr_end = keys, s2, e2
         slow_events.clear()
+
+class _AccFields(NamedTuple):
+    """What the acc rows' own texts say, before the cut-short check (one entry per row)."""
+
+    A: np.ndarray | None
+    m: np.ndarray | None
+    ok: np.ndarray            # the numpy path may take the row (Call-ID length aside)
+    t: np.ndarray
+    is_inv: np.ndarray
+    is_bye: np.ndarray
+    missed: np.ndarray
+    ended: np.ndarray
+    two: np.ndarray           # a 2xx, not "call missed"
+    cid: np.ndarray
+    kok: np.ndarray
+    too_long: np.ndarray
+
+
+def _acc_fields(rows: list[bytes], has_nul: bool, key_width: int | None) -> _AccFields:
+    """Read the acc rows' fields with numpy (the reference fast path)."""
+    # one byte wider than the longest row: every row ends with a NUL (see _cut_rows)
+    A = np.array(rows, f"S{max(map(len, rows)) + 1}")
+    if A.dtype.itemsize == 0:
+        A = A.astype("S1")
+    m = matrix(A)
+    # "<kind>: timestamp=S[;name=value...];method=M;from_tag=..;to_tag=..;call_id=C;code=NNN"
+    kpos = S.find(A, b": timestamp=")
+    p_m = S.find(A, b";method=", starts(kpos))
+    p_c = S.find(A, b";call_id=", starts(p_m))
+    p_k = S.find(A, b";code=", starts(p_c))
+    ok = (kpos > 0) & (p_m > kpos) & (p_c > p_m) & (p_k > p_c)
+    missed = S.startswith(A, b"call missed: ")
+    ended = S.startswith(A, b"call ended: ")
+    ok &= ~ended
+    t, tok = _acc_times(A, m, kpos, p_m, ok)
+    ok &= tok
+    # the method: INVITE and BYE at a glance, anything else checked as a token
+    g = gather(m, p_m + 8, None, 7)
+    is_inv = (g == _INVITE).all(axis=1)
+    is_bye = (g[:, :4] == _BYE).all(axis=1)
+    other = np.flatnonzero(ok & ~is_inv & ~is_bye)
+    if len(other):
+        sub = A[other]
+        me = find_in(sub, b";", p_m[other] + 8, p_c[other] + 1)
+        ok[other] &= S.isalpha(field(sub, p_m[other] + 8, me))
+    # the code: three digits, then ';' or the end of the line
+    g = gather(m, p_k + 6, None, 4)
+    ok &= ((g[:, :3] >= 48) & (g[:, :3] <= 57)).all(axis=1) & ((g[:, 3] == 59) | (g[:, 3] == 0))
+    c0 = g[:, 0]
+    cid = field(A, p_c + 9, p_k, m)
+    kok, too_long, odd = key_check(cid, key_width, has_nul)
+    ok &= ~odd
+    if has_nul:
+        ok &= np.array([b"\x00" not in r for r in rows], bool)
+    two = (c0 == 50) & ~missed                  # 2xx
+    return _AccFields(A, m, ok, t, is_inv, is_bye, missed, ended, two, cid, kok, too_long)
+
 
 _INVITE = np.frombuffer(b"INVITE;", np.uint8)
 _BYE = np.frombuffer(b"BYE;", np.uint8)

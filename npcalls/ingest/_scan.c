@@ -1,0 +1,325 @@
+/*
+ * npcalls.ingest._scan: one pass over a chunk of acc log text for the common line shape.
+ *
+ * The numpy parser in acc.py is the reference and the fallback; this module only
+ * does, in one pass, what that parser's first steps do to every row, and marks
+ * a row SIMPLE only when every check of the numpy path would pass on it for
+ * certain.  Every other row is handed back to the numpy path, which decides it
+ * exactly as it always has.
+ *
+ * Rows are what the regular expression ``ACC: (.{0,2048})`` finds (no DOTALL:
+ * ``.`` is any byte but a newline), non-overlapping, left to right.
+ *
+ * A SIMPLE row (the bytes after "ACC: ") is, with no NUL byte anywhere in it:
+ *     <kind>: timestamp=D10[;t_ms=D10.D3 | ;time_attr=D10.D3];method=M...;call_id=C;code=DDD(;|end)
+ * where ": timestamp=" is the row's first such text, ";method=", ";call_id=",
+ * ";code=" are each the first after the previous one, the row does not start
+ * with "call ended: ", M is one or more ASCII letters up to the first ';',
+ * and the Call-ID C (between ";call_id=" and ";code=") is one or more bytes of
+ * printable ASCII without spaces.  Whether C is too long for the table is the
+ * caller's question (it has the lengths).
+ *
+ * Only the plain CPython C API and the buffer protocol: the results are bytes
+ * objects the caller wraps with numpy.frombuffer.  Nothing here reads outside
+ * the chunk: every access is bounded by the row's end.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define REST 2048
+
+enum {
+    F_SIMPLE = 1,     /* every check of the numpy path passes: the caller may take the row */
+    F_INVITE = 2,     /* method INVITE */
+    F_BYE = 4,        /* method BYE */
+    F_TWO = 8,        /* the code's first digit is '2' */
+    F_MISSED = 16,    /* the row starts with "call missed: " */
+    F_ENDED = 32,     /* the row starts with "call ended: " (an OpenSIPS CDR: never simple) */
+};
+
+/* First occurrence of needle in [s + from, s + n), as an index, or -1. */
+static Py_ssize_t
+find(const char *s, Py_ssize_t n, Py_ssize_t from, const char *needle, Py_ssize_t k)
+{
+    if (from < 0)
+        from = 0;
+    if (k == 0 || n - from < k)
+        return -1;
+    const char *p = s + from;
+    const char *end = s + n - k + 1;      /* last place a match may start, plus one */
+    while (p < end) {
+        const char *q = memchr(p, needle[0], (size_t)(end - p));
+        if (q == NULL)
+            return -1;
+        if (memcmp(q, needle, (size_t)k) == 0)
+            return q - s;
+        p = q + 1;
+    }
+    return -1;
+}
+
+static int
+is_digit(unsigned char c)
+{
+    return c >= '0' && c <= '9';
+}
+
+/* The value of the n decimal digits at p, or -1 if one is not a digit. */
+static int64_t
+digits(const unsigned char *p, int n)
+{
+    int64_t v = 0;
+    for (int i = 0; i < n; i++) {
+        if (!is_digit(p[i]))
+            return -1;
+        v = v * 10 + (p[i] - '0');
+    }
+    return v;
+}
+
+/* Does [p, p + k) hold exactly the text lit (k = strlen(lit))? */
+#define LIT(p, lit) (memcmp((p), (lit), sizeof(lit) - 1) == 0)
+
+/*
+ * The time of a row's time section r[kpos, p_m) when it has one of the usual
+ * layouts (those of acc.py's _ACC_TIME_TEMPLATES); -1 otherwise.
+ */
+static int64_t
+usual_time(const unsigned char *r, Py_ssize_t kpos, Py_ssize_t p_m)
+{
+    const unsigned char *p = r + kpos;            /* ": timestamp=" */
+    Py_ssize_t len = p_m - kpos;
+    int64_t s, i, f;
+    if (len == 22) {                              /* : timestamp=D10 */
+        s = digits(p + 12, 10);
+        return s < 0 ? -1 : s * 1000000000LL;
+    }
+    if (len == 42 && LIT(p + 22, ";t_ms=") && p[38] == '.') {
+        s = digits(p + 12, 10);
+        i = digits(p + 28, 10);
+        f = digits(p + 39, 3);
+    }
+    else if (len == 47 && LIT(p + 22, ";time_attr=") && p[43] == '.') {
+        s = digits(p + 12, 10);
+        i = digits(p + 33, 10);
+        f = digits(p + 44, 3);
+    }
+    else
+        return -1;
+    if (s < 0 || i < 0 || f < 0)
+        return -1;
+    return i * 1000000000LL + f * 1000000LL;
+}
+
+/* Fill one row's outputs; r is the row, n its length. */
+static void
+scan_row(const unsigned char *r, Py_ssize_t n, int64_t *t, int64_t *cid_at, int64_t *cid_len,
+         int64_t *tail, uint8_t *flags)
+{
+    const char *c = (const char *)r;
+    uint8_t fl = 0;
+    Py_ssize_t i;
+
+    /* the start of the last field (after the last ';'), for the cut-short check */
+    *tail = 0;
+    for (i = n; i > 0; i--) {
+        if (r[i - 1] == ';') {
+            *tail = i;
+            break;
+        }
+    }
+    *t = 0;
+    *cid_at = 0;
+    *cid_len = 0;
+    if (n >= 12 && LIT(r, "call ended: "))
+        fl |= F_ENDED;
+    if (n >= 13 && LIT(r, "call missed: "))
+        fl |= F_MISSED;
+    *flags = fl;
+    if (fl & F_ENDED)
+        return;
+    if (memchr(r, 0, (size_t)n) != NULL)
+        return;
+    Py_ssize_t kpos = find(c, n, 0, ": timestamp=", 12);
+    if (kpos <= 0)
+        return;
+    Py_ssize_t p_m = find(c, n, kpos, ";method=", 8);
+    if (p_m <= kpos)
+        return;
+    Py_ssize_t p_c = find(c, n, p_m, ";call_id=", 9);
+    if (p_c <= p_m)
+        return;
+    Py_ssize_t p_k = find(c, n, p_c, ";code=", 6);
+    if (p_k <= p_c)
+        return;
+    int64_t tv = usual_time(r, kpos, p_m);
+    if (tv < 0)
+        return;
+    /* the method: ASCII letters up to the first ';' (there is one: at p_c at the latest) */
+    Py_ssize_t ms = p_m + 8, me = ms;
+    while (me < p_c && r[me] != ';')
+        me++;
+    if (me == ms)
+        return;
+    for (i = ms; i < me; i++) {
+        unsigned char b = r[i];
+        if (!((b >= 'A' && b <= 'Z') || (b >= 'a' && b <= 'z')))
+            return;
+    }
+    if (me - ms == 6 && LIT(r + ms, "INVITE"))
+        fl |= F_INVITE;
+    else if (me - ms == 3 && LIT(r + ms, "BYE"))
+        fl |= F_BYE;
+    /* the code: three digits, then ';' or the row's end */
+    Py_ssize_t k0 = p_k + 6;
+    if (k0 + 3 > n || !is_digit(r[k0]) || !is_digit(r[k0 + 1]) || !is_digit(r[k0 + 2]))
+        return;
+    if (k0 + 3 < n && r[k0 + 3] != ';')
+        return;
+    if (r[k0] == '2')
+        fl |= F_TWO;
+    /* the Call-ID: printable ASCII, no space, not empty */
+    Py_ssize_t cs = p_c + 9;
+    if (p_k <= cs)
+        return;
+    for (i = cs; i < p_k; i++) {
+        if (r[i] < 33 || r[i] > 126)
+            return;
+    }
+    *t = tv;
+    *cid_at = cs;
+    *cid_len = p_k - cs;
+    *flags = fl | F_SIMPLE;
+}
+
+typedef struct {
+    char *data;
+    Py_ssize_t cap;
+} Buf;
+
+static int
+grow(Buf *b, Py_ssize_t need)
+{
+    if (need <= b->cap)
+        return 0;
+    Py_ssize_t cap = b->cap ? b->cap : 1024;
+    while (cap < need)
+        cap *= 2;
+    char *d = PyMem_Realloc(b->data, (size_t)cap);
+    if (d == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = d;
+    b->cap = cap;
+    return 0;
+}
+
+/* Which fields, in this order, each of n int64 (flags: uint8). */
+#define NCOL 6
+
+PyDoc_STRVAR(acc_rows_doc,
+"acc_rows(chunk, /)\n"
+"--\n\n"
+"Find the rows of ``ACC: (.{0,2048})`` in chunk and read the common shape.\n\n"
+"Returns (n, off, length, t, cid_at, cid_len, tail, flags): n rows; the other\n"
+"items are bytes holding n native int64 each (flags: n uint8).  off is where\n"
+"each row's \"ACC: \" starts in the chunk; length the row's length after it;\n"
+"cid_at and tail are relative to the row.  t, cid_at, cid_len are only\n"
+"meaningful for rows flagged SIMPLE (1).");
+
+static PyObject *
+acc_rows(PyObject *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const char *s = (const char *)view.buf;
+    Py_ssize_t size = view.len;
+    Buf col[NCOL + 1];
+    memset(col, 0, sizeof(col));
+    Py_ssize_t n = 0, pos = 0;
+    PyObject *res = NULL;
+
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        Py_ssize_t at = find(s, size, pos, "ACC: ", 5);
+        if (at < 0)
+            break;
+        Py_ssize_t r0 = at + 5, lim = size - r0 < REST ? size - r0 : REST;
+        const char *nl = memchr(s + r0, '\n', (size_t)lim);
+        Py_ssize_t len = nl ? nl - (s + r0) : lim;
+        int failed = 0;
+        for (int j = 0; j < NCOL; j++)
+            failed |= grow(&col[j], (n + 1) * 8);
+        failed |= grow(&col[NCOL], n + 1);
+        if (failed) {
+            n = -1;
+            break;
+        }
+        int64_t *c[NCOL];
+        for (int j = 0; j < NCOL; j++)
+            c[j] = (int64_t *)col[j].data + n;
+        *c[0] = at;
+        *c[1] = len;
+        scan_row((const unsigned char *)s + r0, len, c[2], c[3], c[4], c[5],
+                 (uint8_t *)col[NCOL].data + n);
+        n++;
+        pos = r0 + len;
+    }
+    Py_END_ALLOW_THREADS
+    /* grow() may only set the error with the GIL held: it did not, report here */
+    if (n < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    res = PyTuple_New(NCOL + 2);
+    if (res == NULL)
+        goto done;
+    PyTuple_SET_ITEM(res, 0, PyLong_FromSsize_t(n));
+    for (int j = 0; j <= NCOL; j++) {
+        PyObject *b = PyBytes_FromStringAndSize(col[j].data ? col[j].data : "",
+                                                j < NCOL ? n * 8 : n);
+        if (b == NULL) {
+            Py_CLEAR(res);
+            goto done;
+        }
+        PyTuple_SET_ITEM(res, j + 1, b);
+    }
+done:
+    for (int j = 0; j <= NCOL; j++)
+        PyMem_Free(col[j].data);
+    PyBuffer_Release(&view);
+    return res;
+}
+
+static PyMethodDef methods[] = {
+    {"acc_rows", acc_rows, METH_O, acc_rows_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_scan",
+    "One-pass scanner of acc log chunks (the compiled fast path of npcalls.ingest.acc).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__scan(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "SIMPLE", F_SIMPLE) < 0 ||
+        PyModule_AddIntConstant(m, "INVITE", F_INVITE) < 0 ||
+        PyModule_AddIntConstant(m, "BYE", F_BYE) < 0 ||
+        PyModule_AddIntConstant(m, "TWO", F_TWO) < 0 ||
+        PyModule_AddIntConstant(m, "MISSED", F_MISSED) < 0 ||
+        PyModule_AddIntConstant(m, "ENDED", F_ENDED) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,290 @@
+"""The compiled acc scanner (npcalls/ingest/_scan.c) against the numpy path it speeds up.
+
+The numpy path is the reference: on any input, parsed in any chunks, the two
+must give the same events (same dtypes), counts and problem reports.  The
+scanner must also survive any bytes: no crash, no read outside the chunk
+(checked under AddressSanitizer by building the C file with
+``-fsanitize=address,undefined``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from test_ingest_acc import LogBuilder, build_mix
+
+import npcalls
+from npcalls.ingest import acc
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+C_FILE = os.path.join(ROOT, "npcalls", "ingest", "_scan.c")
+
+
+def test_the_extension_is_built_and_used():
+    """CI installs with ``pip install -e .``, which builds it (gcc and Python headers are there)."""
+    from npcalls.ingest import _scan
+    assert acc._scan is _scan
+    assert acc.USE_SCAN, "the compiled scanner is off (NPCALLS_INGEST_NUMPY set?)"
+
+
+def test_the_env_var_selects_the_numpy_path_in_new_processes():
+    code = "from npcalls.ingest import acc; print(acc.USE_SCAN)"
+    for val, want in (("1", "False"), ("0", "True"), ("", "True")):
+        env = dict(os.environ, NPCALLS_INGEST_NUMPY=val)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out == want, val
+
+
+# ---------------------------------------------------------------------- both paths
+
+def _outcome(p: acc.Parsed) -> tuple:
+    return (p.acc_keys.dtype.str, p.acc_keys.tolist(), p.acc_start.tolist(), p.acc_end.tolist(),
+            p.cdr_keys.dtype.str, p.cdr_keys.tolist(), p.cdr_start.tolist(), p.cdr_end.tolist(),
+            p.lines, p.acc_lines, p.cdr_lines, p.failed, p.ignored, p.bad, p.too_long,
+            p.problems)
+
+
+def _parse_all(data: bytes, key_width: int | None, chunk_lines: int, scan: bool,
+               max_problems: int = 5) -> list[tuple]:
+    """Parse ``data`` in chunks of ``chunk_lines`` lines with one parser (its state carries)."""
+    saved = acc.USE_SCAN
+    acc.USE_SCAN = scan
+    try:
+        if data and not data.endswith(b"\n"):
+            data += b"\n"
+        lines = data.split(b"\n")[:-1]
+        p = acc.AccParser(key_width, max_problems=max_problems)
+        out = []
+        for i in range(0, len(lines), chunk_lines):
+            chunk = b"\n".join(lines[i:i + chunk_lines]) + b"\n"
+            out.append(_outcome(p.parse(chunk, i, "in")))
+        return out
+    finally:
+        acc.USE_SCAN = saved
+
+
+def assert_same(data: bytes, key_width: int | None = 64, chunk_lines: int = 10**9,
+                max_problems: int = 5) -> list[tuple]:
+    c = _parse_all(data, key_width, chunk_lines, True, max_problems)
+    n = _parse_all(data, key_width, chunk_lines, False, max_problems)
+    assert c == n
+    return c
+
+
+def test_scanner_takes_the_common_lines_itself():
+    """The generated lines of the usual shapes are read by the scanner, not handed back."""
+    from npcalls.ingest import _scan
+    b = LogBuilder("stderr", seed=2)
+    build_mix(b, 100)
+    n, *cols = _scan.acc_rows(b.text())
+    flags = np.frombuffer(cols[6], np.uint8)
+    assert n > 100
+    # the usual INVITE/BYE/ACK lines are simple; OpenSIPS-like and odd ones are not
+    assert np.count_nonzero(flags & _scan.SIMPLE) >= 0.8 * n
+
+
+@pytest.mark.parametrize("name", ["kamailio-acc.log", "kamailio-acc-syslog.log"])
+@pytest.mark.parametrize("chunk_lines", [10**9, 97, 5])
+def test_real_logs_same_results(name, chunk_lines):
+    with open(os.path.join(DATA, name), "rb") as f:
+        data = f.read()
+    out = assert_same(data, 64, chunk_lines)
+    assert sum(len(o[1]) for o in out) > 1000          # the log's starts and ends are there
+
+
+@pytest.mark.parametrize("style", ["stderr", "syslog3164", "syslog3339", "none"])
+@pytest.mark.parametrize("time_mode,time_name", [(2, "t_ms"), (2, "time_attr"), (0, "t_ms"),
+                                                 (1, "time_exten"), (3, "t_ms")])
+@pytest.mark.parametrize("key_width", [None, 24, 64])
+def test_generated_logs_same_results(style, time_mode, time_name, key_width):
+    b = LogBuilder(style, time_mode=time_mode, time_name=time_name, seed=11)
+    build_mix(b, 120, long_ids=True)
+    assert_same(b.text(), key_width, 10**9)
+    assert_same(b.text(), key_width, 37, max_problems=3)
+
+
+# Lines a hostile or broken log holds: a valid line, then mutations of it
+_GOOD = (b"Nov 26 05:51:55 vm kamailio[16768]: NOTICE: acc [acc.c:268]: acc_log_request(): "
+         b"ACC: transaction answered: timestamp=1795668428;t_ms=1795668428.565;method=INVITE;"
+         b"from_tag=a;to_tag=b;call_id=c1@h;code=200;reason=OK")
+_PIECES = [b"ACC: ", b": timestamp=", b";t_ms=", b";time_attr=", b";method=", b"INVITE", b"BYE",
+           b";call_id=", b";code=", b"200", b"487", b";reason=OK", b"call missed: ",
+           b"call ended: ", b"transaction answered", b" start_time=", b"; end_time=",
+           b"; duration=", b"1795668428", b".565", b";", b"=", b":", b" ", b"\x00", b"\r",
+           b"\n", b"\xff\xfe", b"\xc3\xa9", b"#015#012", b"x" * 70, b"9" * 13]
+
+
+@st.composite
+def hostile_logs(draw) -> bytes:
+    lines = []
+    for _ in range(draw(st.integers(1, 12))):
+        line = bytearray(draw(st.sampled_from([_GOOD, _GOOD.replace(b"INVITE", b"BYE"),
+                                               _GOOD.replace(b"t_ms", b"time_attr"),
+                                               _GOOD.replace(b";t_ms=1795668428.565", b""),
+                                               b"junk line", b""])))
+        for _ in range(draw(st.integers(0, 4))):
+            op = draw(st.integers(0, 3))
+            i = draw(st.integers(0, len(line)))
+            if op == 0:                                 # insert a piece
+                line[i:i] = draw(st.sampled_from(_PIECES))
+            elif op == 1:                               # cut the line here
+                del line[i:]
+            elif op == 2 and line:                      # delete a few bytes
+                del line[i:i + draw(st.integers(1, 12))]
+            else:                                       # overwrite one byte
+                line[i:i + 1] = bytes([draw(st.integers(0, 255))])
+        lines.append(bytes(line))
+    return b"\n".join(lines)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_logs(), st.sampled_from([None, 8, 64]), st.sampled_from([10**9, 3, 1]))
+@example(_GOOD + b"\n" + _GOOD[:-20], 64, 10**9)                # cut inside the Call-ID
+@example(_GOOD.replace(b"c1@h", b""), 64, 10**9)                # empty Call-ID
+@example(_GOOD.replace(b"c1@h", b"c\x00@h"), 64, 10**9)         # NUL in the Call-ID
+@example(_GOOD.replace(b"c1@h", b"c\xe9@h"), 64, 10**9)         # not UTF-8
+@example(_GOOD.replace(b"c1@h", b"x" * 70), 64, 10**9)          # too long for the table
+def test_hypothesis_hostile_logs_same_results(data, key_width, chunk_lines):
+    assert_same(data, key_width, chunk_lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES + [b"a", b"0"]), max_size=40), st.binary(max_size=40))
+def test_hypothesis_rows_are_what_the_regex_finds(pieces, tail):
+    """On any bytes (no newline at the end, NULs, cut markers) the scanner finds the rows
+    ``ACC: (.{0,2048})`` finds, and never reads outside them."""
+    from npcalls.ingest import _scan
+    data = b"".join(pieces) + tail
+    n, off, ln, *_ = _scan.acc_rows(data)
+    want = [(m.start(), len(m.group(1))) for m in acc._ACC_RX.finditer(data)]
+    got = list(zip(np.frombuffer(off, np.int64).tolist(), np.frombuffer(ln, np.int64).tolist()))
+    assert n == len(want) and got == want
+
+
+def _long_line_cases() -> list[bytes]:
+    g = _GOOD
+    pad = b"x" * (2048 - len(g.split(b"ACC: ", 1)[1]))
+    return [
+        g + pad[:-1],                 # a row of 2047 bytes
+        g + pad,                      # exactly the capture's 2048 bytes
+        g + pad + b"y",               # one more: the capture stops short of the line's end
+        g + b";extra=" + b"z" * 5000 + b"ACC: " + g.split(b"ACC: ", 1)[1],   # two rows in a line
+        b"ACC: " * 1000,
+        g.replace(b";reason=OK", b""),                       # the code ends the row
+        g.replace(b"code=200;reason=OK", b"code=20"),        # a truncated code
+        g.replace(b"timestamp=1795668428;", b"timestamp=;"),
+        g.replace(b"method=INVITE", b"method="),
+        g.replace(b"method=INVITE", b"method=INV1TE"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_long_line_cases())))
+def test_odd_and_long_lines_same_results(i):
+    line = _long_line_cases()[i]
+    assert_same(_GOOD + b"\n" + line + b"\n" + _GOOD.replace(b"c1@h", b"c2@h"), 64)
+
+
+def test_huge_line_and_no_final_newline():
+    from npcalls.ingest import _scan
+    big = b"ACC: " + b"a" * (8 << 20)                  # 8 MB, no newline anywhere
+    n, off, ln, *_ = _scan.acc_rows(big)
+    assert n == len(acc._ACC_RX.findall(big))
+    assert _scan.acc_rows(b"") [0] == 0
+    assert _scan.acc_rows(b"ACC:")[0] == 0
+    assert _scan.acc_rows(b"ACC: ")[0] == 1
+    assert _scan.acc_rows(memoryview(_GOOD))[0] == 1   # any buffer, not only bytes
+    with pytest.raises(TypeError):
+        _scan.acc_rows("a str")
+
+
+def test_the_cli_gives_the_same_table_and_report_with_either_path(cli_env, tmp_path):
+    """Real processes: ``npcalls ingest`` with the scanner and with NPCALLS_INGEST_NUMPY=1."""
+    rnd = random.Random(5)
+    with open(os.path.join(DATA, "kamailio-acc.log"), "rb") as f:
+        lines = f.read().split(b"\n")
+    for i in rnd.sample(range(len(lines)), 40):         # break some lines
+        j = rnd.randrange(len(lines[i]) + 1)
+        lines[i] = lines[i][:j] + rnd.choice(_PIECES) + lines[i][j + rnd.randrange(5):]
+    log = tmp_path / "acc.log"
+    log.write_bytes(b"\n".join(lines))                  # no newline at the end
+    results = []
+    for numpy_only, name in (("0", "c"), ("1", "n")):
+        env = dict(cli_env, NPCALLS_INGEST_NUMPY=numpy_only)
+        r = subprocess.run([sys.executable, "-m", "npcalls", "ingest", name, str(log), "--create",
+                            "--jobs", "1"], env=env, capture_output=True, timeout=120)
+        assert r.returncode in (0, 1), r.stderr.decode()
+        assert b"Traceback" not in r.stderr
+        with npcalls.CallTable.open(os.path.join(cli_env["NPCALLS_DIR"], f"npcalls.{name}"),
+                                    readonly=True) as t:
+            snap = t.snapshot()
+            rows = sorted(zip(snap["key"].tolist(), snap["start"].tolist(),
+                              snap["end"].tolist()))
+        # the report, without its timing figures and the table's name
+        report = re.sub(r"in [0-9.]+ s \([0-9,]+ lines/s\)", "", r.stderr.decode())
+        results.append((rows, r.returncode, report.replace(f"'{name}'", "T")
+                        .replace(f" {name} ", " T ")))
+    assert len(results[0][0]) > 500
+    assert results[0] == results[1]
+
+
+# ---------------------------------------------------------------------- AddressSanitizer
+
+_ASAN_DRIVER = textwrap.dedent("""
+    import importlib.machinery, importlib.util, random, sys
+    spec = importlib.util.spec_from_file_location(
+        "npcalls.ingest._scan", sys.argv[1],
+        loader=importlib.machinery.ExtensionFileLoader("npcalls.ingest._scan", sys.argv[1]))
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    good = (b"x ACC: transaction answered: timestamp=1795668428;t_ms=1795668428.565;"
+            b"method=INVITE;from_tag=a;to_tag=b;call_id=c1@h;code=200;reason=OK")
+    rnd = random.Random(1)
+    cases = [b"", b"A", b"ACC: ", good, good + b"\\n", b"ACC: " + b"a" * 5000]
+    for i in range(len(good) + 1):
+        cases.append(good[:i])                 # cut everywhere, no newline
+    for _ in range(3000):
+        b = bytearray(good)
+        for _ in range(rnd.randrange(1, 6)):
+            j = rnd.randrange(len(b) + 1)
+            b[j:j + rnd.randrange(4)] = bytes(rnd.randrange(256) for _ in range(rnd.randrange(3)))
+        cases.append(bytes(b))
+    import numpy as np
+    for c in cases:
+        # a copy in a buffer of exactly its length (numpy's data is one malloc of nbytes;
+        # bytes and bytearray keep a NUL after the data), so that ASan's red zone
+        # follows the last byte
+        m.acc_rows(np.frombuffer(c, np.uint8).copy())
+    print("ok", len(cases))
+""")
+
+
+def test_scanner_under_address_and_undefined_behaviour_sanitizers(tmp_path):
+    """Build _scan.c with -fsanitize=address,undefined and feed it cut and mutated lines:
+    any read past a buffer or undefined behaviour aborts the process."""
+    cc = os.environ.get("CC", "gcc")
+    libasan = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    assert os.path.isabs(libasan), f"{cc} has no AddressSanitizer runtime"
+    so = tmp_path / ("_scan" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run([cc, "-shared", "-fPIC", "-g", "-O1", "-fsanitize=address,undefined",
+                    "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
+                    f"-I{sysconfig.get_paths()['include']}", C_FILE, "-o", str(so)],
+                   check=True, capture_output=True)
+    env = dict(os.environ, LD_PRELOAD=libasan, PYTHONMALLOC="malloc",
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1")
+    r = subprocess.run([sys.executable, "-c", _ASAN_DRIVER, str(so)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+    assert "runtime error" not in r.stderr
