@@ -88,11 +88,16 @@ def test_scanner_takes_the_common_lines_itself():
     from npcalls.ingest import _scan
     b = LogBuilder("stderr", seed=2)
     build_mix(b, 100)
-    n, *cols = _scan.acc_rows(b.text())
-    flags = np.frombuffer(cols[6], np.uint8)
+    n, *cols = _scan.rows(b.text(), False)
+    flags = np.frombuffer(cols[8], np.uint8)
     assert n > 100
     # the usual INVITE/BYE/ACK lines are simple; OpenSIPS-like and odd ones are not
     assert np.count_nonzero(flags & _scan.SIMPLE) >= 0.8 * n
+    n, *cols = _scan.rows(b.text(), True)
+    flags = np.frombuffer(cols[8], np.uint8)
+    assert n > 50
+    assert np.count_nonzero(flags & _scan.SIMPLE) >= 0.8 * n
+    assert np.count_nonzero(flags & _scan.ANSWERED) >= 0.3 * n
 
 
 @pytest.mark.parametrize("name", ["kamailio-acc.log", "kamailio-acc-syslog.log"])
@@ -119,6 +124,9 @@ def test_generated_logs_same_results(style, time_mode, time_name, key_width):
 _GOOD = (b"Nov 26 05:51:55 vm kamailio[16768]: NOTICE: acc [acc.c:268]: acc_log_request(): "
          b"ACC: transaction answered: timestamp=1795668428;t_ms=1795668428.565;method=INVITE;"
          b"from_tag=a;to_tag=b;call_id=c1@h;code=200;reason=OK")
+_CDR = (b"Nov 26 05:51:55 vm kamailio[16768]: NOTICE: acc [acc_cdr.c:395]: log_write_cdr(): "
+        b"start_time=1795668428.565; end_time=1795668430.123; duration=1.558; call_id=c1@h; "
+        b"from_tag=a; to_tag=b")
 _PIECES = [b"ACC: ", b": timestamp=", b";t_ms=", b";time_attr=", b";method=", b"INVITE", b"BYE",
            b";call_id=", b";code=", b"200", b"487", b";reason=OK", b"call missed: ",
            b"call ended: ", b"transaction answered", b" start_time=", b"; end_time=",
@@ -133,6 +141,9 @@ def hostile_logs(draw) -> bytes:
         line = bytearray(draw(st.sampled_from([_GOOD, _GOOD.replace(b"INVITE", b"BYE"),
                                                _GOOD.replace(b"t_ms", b"time_attr"),
                                                _GOOD.replace(b";t_ms=1795668428.565", b""),
+                                               _CDR, _CDR.replace(b"1.558", b"0"),
+                                               _CDR.replace(b".565", b".565123")
+                                               .replace(b".123", b".123456"),
                                                b"junk line", b""])))
         for _ in range(draw(st.integers(0, 4))):
             op = draw(st.integers(0, 3))
@@ -156,19 +167,24 @@ def hostile_logs(draw) -> bytes:
 @example(_GOOD.replace(b"c1@h", b"c\x00@h"), 64, 10**9)         # NUL in the Call-ID
 @example(_GOOD.replace(b"c1@h", b"c\xe9@h"), 64, 10**9)         # not UTF-8
 @example(_GOOD.replace(b"c1@h", b"x" * 70), 64, 10**9)          # too long for the table
+@example(_CDR + b"\n" + _CDR[:-20], 64, 10**9)
+@example(_CDR.replace(b"c1@h", b"c1@h #015"), 64, 10**9)
+@example(_CDR.replace(b"; from_tag=a; to_tag=b", b" \t\r"), 64, 10**9)
 def test_hypothesis_hostile_logs_same_results(data, key_width, chunk_lines):
     assert_same(data, key_width, chunk_lines)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(_PIECES + [b"a", b"0"]), max_size=40), st.binary(max_size=40))
-def test_hypothesis_rows_are_what_the_regex_finds(pieces, tail):
+@given(st.lists(st.sampled_from(_PIECES + [b"a", b"0"]), max_size=40), st.binary(max_size=40),
+       st.booleans())
+def test_hypothesis_rows_are_what_the_regex_finds(pieces, tail, cdr):
     """On any bytes (no newline at the end, NULs, cut markers) the scanner finds the rows
     ``ACC: (.{0,2048})`` finds, and never reads outside them."""
     from npcalls.ingest import _scan
     data = b"".join(pieces) + tail
-    n, off, ln, *_ = _scan.acc_rows(data)
-    want = [(m.start(), len(m.group(1))) for m in acc._ACC_RX.finditer(data)]
+    n, off, ln, *_ = _scan.rows(data, cdr)
+    rx = acc._CDR_RX if cdr else acc._ACC_RX
+    want = [(m.start(1 if cdr else 0), len(m.group(1))) for m in rx.finditer(data)]
     got = list(zip(np.frombuffer(off, np.int64).tolist(), np.frombuffer(ln, np.int64).tolist()))
     assert n == len(want) and got == want
 
@@ -199,14 +215,17 @@ def test_odd_and_long_lines_same_results(i):
 def test_huge_line_and_no_final_newline():
     from npcalls.ingest import _scan
     big = b"ACC: " + b"a" * (8 << 20)                  # 8 MB, no newline anywhere
-    n, off, ln, *_ = _scan.acc_rows(big)
+    n, off, ln, *_ = _scan.rows(big, False)
     assert n == len(acc._ACC_RX.findall(big))
-    assert _scan.acc_rows(b"") [0] == 0
-    assert _scan.acc_rows(b"ACC:")[0] == 0
-    assert _scan.acc_rows(b"ACC: ")[0] == 1
-    assert _scan.acc_rows(memoryview(_GOOD))[0] == 1   # any buffer, not only bytes
+    big = b" start_time=" + b"1" * (8 << 20)
+    assert _scan.rows(big, True)[0] == len(acc._CDR_RX.findall(big))
+    assert _scan.rows(b"", False)[0] == 0
+    assert _scan.rows(b"ACC:", False)[0] == 0
+    assert _scan.rows(b"ACC: ", False)[0] == 1
+    assert _scan.rows(b" start_time=", True)[0] == 1
+    assert _scan.rows(memoryview(_GOOD), False)[0] == 1   # any buffer, not only bytes
     with pytest.raises(TypeError):
-        _scan.acc_rows("a str")
+        _scan.rows("a str", False)
 
 
 def test_the_cli_gives_the_same_table_and_report_with_either_path(cli_env, tmp_path):
@@ -251,11 +270,15 @@ _ASAN_DRIVER = textwrap.dedent("""
     good = (b"x ACC: transaction answered: timestamp=1795668428;t_ms=1795668428.565;"
             b"method=INVITE;from_tag=a;to_tag=b;call_id=c1@h;code=200;reason=OK")
     rnd = random.Random(1)
-    cases = [b"", b"A", b"ACC: ", good, good + b"\\n", b"ACC: " + b"a" * 5000]
+    cdr = (b"x log_write_cdr(): start_time=1795668428.565; end_time=1795668430.123; "
+           b"duration=1.558; call_id=c1@h; from_tag=a")
+    cases = [b"", b"A", b"ACC: ", b" start_time=", good, good + b"\\n", b"ACC: " + b"a" * 5000]
     for i in range(len(good) + 1):
         cases.append(good[:i])                 # cut everywhere, no newline
+    for i in range(len(cdr) + 1):
+        cases.append(cdr[:i])
     for _ in range(3000):
-        b = bytearray(good)
+        b = bytearray(rnd.choice([good, cdr]))
         for _ in range(rnd.randrange(1, 6)):
             j = rnd.randrange(len(b) + 1)
             b[j:j + rnd.randrange(4)] = bytes(rnd.randrange(256) for _ in range(rnd.randrange(3)))
@@ -265,7 +288,8 @@ _ASAN_DRIVER = textwrap.dedent("""
         # a copy in a buffer of exactly its length (numpy's data is one malloc of nbytes;
         # bytes and bytearray keep a NUL after the data), so that ASan's red zone
         # follows the last byte
-        m.acc_rows(np.frombuffer(c, np.uint8).copy())
+        for cdr in (False, True):
+            m.rows(np.frombuffer(c, np.uint8).copy(), cdr)
     print("ok", len(cases))
 """)
 

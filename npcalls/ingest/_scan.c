@@ -37,6 +37,7 @@ enum {
     F_TWO = 8,        /* the code's first digit is '2' */
     F_MISSED = 16,    /* the row starts with "call missed: " */
     F_ENDED = 32,     /* the row starts with "call ended: " (an OpenSIPS CDR: never simple) */
+    F_ANSWERED = 64,  /* a CDR whose duration is not zero */
 };
 
 /* First occurrence of needle in [s + from, s + n), as an index, or -1. */
@@ -115,8 +116,8 @@ usual_time(const unsigned char *r, Py_ssize_t kpos, Py_ssize_t p_m)
 
 /* Fill one row's outputs; r is the row, n its length. */
 static void
-scan_row(const unsigned char *r, Py_ssize_t n, int64_t *t, int64_t *cid_at, int64_t *cid_len,
-         int64_t *tail, uint8_t *flags)
+scan_row(const unsigned char *r, Py_ssize_t n, int64_t *t, int64_t *t2, int64_t *cid_at,
+         int64_t *cid_len, int64_t *cid_raw, int64_t *tail, uint8_t *flags)
 {
     const char *c = (const char *)r;
     uint8_t fl = 0;
@@ -130,9 +131,8 @@ scan_row(const unsigned char *r, Py_ssize_t n, int64_t *t, int64_t *cid_at, int6
             break;
         }
     }
-    *t = 0;
-    *cid_at = 0;
-    *cid_len = 0;
+    *t = *t2 = 0;
+    *cid_at = *cid_len = *cid_raw = 0;
     if (n >= 12 && LIT(r, "call ended: "))
         fl |= F_ENDED;
     if (n >= 13 && LIT(r, "call missed: "))
@@ -190,8 +190,110 @@ scan_row(const unsigned char *r, Py_ssize_t n, int64_t *t, int64_t *cid_at, int6
     }
     *t = tv;
     *cid_at = cs;
-    *cid_len = p_k - cs;
+    *cid_len = *cid_raw = p_k - cs;
     *flags = fl | F_SIMPLE;
+}
+
+/* The last-field start of a row (after its last ';', 0 if none). */
+static int64_t
+last_field(const unsigned char *r, Py_ssize_t n)
+{
+    for (Py_ssize_t i = n; i > 0; i--)
+        if (r[i - 1] == ';')
+            return i;
+    return 0;
+}
+
+/* D10.D<f>; end_time=D10.D<f>; duration= at the row's start (acc.py's _CDR_TEMPLATES) */
+static Py_ssize_t
+cdr_template(const unsigned char *r, Py_ssize_t n, int f, int64_t *st, int64_t *en)
+{
+    Py_ssize_t size = 2 * (11 + f) + 11 + 11;     /* 11 + f digits and dot, twice; the names */
+    if (n < size)
+        return -1;
+    const unsigned char *p = r;
+    int64_t s = digits(p, 10);
+    if (s < 0 || p[10] != '.')
+        return -1;
+    int64_t sf = digits(p + 11, f);
+    p += 11 + f;
+    if (sf < 0 || !LIT(p, "; end_time="))
+        return -1;
+    p += 11;
+    int64_t e = digits(p, 10);
+    if (e < 0 || p[10] != '.')
+        return -1;
+    int64_t ef = digits(p + 11, f);
+    p += 11 + f;
+    if (ef < 0 || !LIT(p, "; duration="))
+        return -1;
+    int64_t mul = f == 3 ? 1000000LL : 1000LL;
+    *st = s * 1000000000LL + sf * mul;
+    *en = e * 1000000000LL + ef * mul;
+    return size;
+}
+
+/*
+ * A Kamailio dialog CDR row (after " start_time="), SIMPLE when, with no NUL in it:
+ *     D10.D3; end_time=D10.D3; duration=DUR;...; call_id=C[;...]   (or 6 fraction digits)
+ * DUR: digits with at most one dot, at least one digit; ANSWERED unless all zeros.
+ * C: up to the next ';' or the row's end, trailing blanks, tabs and CRs dropped,
+ * then one or more bytes of printable ASCII without spaces and without '#'.
+ */
+static void
+scan_cdr_row(const unsigned char *r, Py_ssize_t n, int64_t *t, int64_t *t2, int64_t *cid_at,
+             int64_t *cid_len, int64_t *cid_raw, int64_t *tail, uint8_t *flags)
+{
+    const char *c = (const char *)r;
+    Py_ssize_t i;
+    *tail = last_field(r, n);
+    *t = *t2 = 0;
+    *cid_at = *cid_len = *cid_raw = 0;
+    *flags = 0;
+    if (memchr(r, 0, (size_t)n) != NULL)
+        return;
+    int64_t st, en;
+    Py_ssize_t ds = cdr_template(r, n, 3, &st, &en);
+    if (ds < 0)
+        ds = cdr_template(r, n, 6, &st, &en);
+    if (ds < 0)
+        return;
+    Py_ssize_t de = find(c, n, ds, ";", 1);
+    if (de <= ds)
+        return;
+    int dots = 0, nonzero = 0;
+    for (i = ds; i < de; i++) {
+        if (r[i] == '.')
+            dots++;
+        else if (!is_digit(r[i]))
+            return;
+        else if (r[i] != '0')
+            nonzero = 1;
+    }
+    if (dots > 1 || de - ds == dots)
+        return;
+    Py_ssize_t p_c = find(c, n, de, "; call_id=", 10);
+    if (p_c < de)
+        return;
+    Py_ssize_t cs = p_c + 10;
+    Py_ssize_t ce = find(c, n, cs, ";", 1);
+    if (ce < 0)
+        ce = n;
+    Py_ssize_t raw = ce - cs;
+    while (ce > cs && (r[ce - 1] == ' ' || r[ce - 1] == '\t' || r[ce - 1] == '\r'))
+        ce--;
+    if (ce <= cs)
+        return;
+    for (i = cs; i < ce; i++) {
+        if (r[i] < 33 || r[i] > 126 || r[i] == '#')
+            return;
+    }
+    *t = st;
+    *t2 = en;
+    *cid_at = cs;
+    *cid_len = ce - cs;
+    *cid_raw = raw;
+    *flags = F_SIMPLE | (nonzero ? F_ANSWERED : 0);
 }
 
 typedef struct {
@@ -218,24 +320,30 @@ grow(Buf *b, Py_ssize_t need)
 }
 
 /* Which fields, in this order, each of n int64 (flags: uint8). */
-#define NCOL 6
+#define NCOL 8
 
-PyDoc_STRVAR(acc_rows_doc,
-"acc_rows(chunk, /)\n"
+PyDoc_STRVAR(rows_doc,
+"rows(chunk, cdr, /)\n"
 "--\n\n"
-"Find the rows of ``ACC: (.{0,2048})`` in chunk and read the common shape.\n\n"
-"Returns (n, off, length, t, cid_at, cid_len, tail, flags): n rows; the other\n"
-"items are bytes holding n native int64 each (flags: n uint8).  off is where\n"
-"each row's \"ACC: \" starts in the chunk; length the row's length after it;\n"
-"cid_at and tail are relative to the row.  t, cid_at, cid_len are only\n"
-"meaningful for rows flagged SIMPLE (1).");
+"Find the rows of ``ACC: (.{0,2048})`` (cdr false) or of `` start_time=(.{0,2048})``\n"
+"(cdr true) in chunk and read those of the common shape.\n\n"
+"Returns (n, off, length, t, t2, cid_at, cid_len, cid_raw, tail, flags): n rows;\n"
+"the other items are bytes holding n native int64 each (flags: n uint8).  off is\n"
+"where each row's marker (acc) or text (cdr) starts in the chunk; length the\n"
+"row's length after the marker; cid_at and tail are relative to the row's text.\n"
+"t (start for a CDR), t2 (a CDR's end), cid_at, cid_len (the Call-ID's length)\n"
+"and cid_raw (before trailing blanks were dropped) are only meaningful for rows\n"
+"flagged SIMPLE.");
 
 static PyObject *
-acc_rows(PyObject *self, PyObject *arg)
+rows(PyObject *self, PyObject *args)
 {
     Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+    int cdr;
+    if (!PyArg_ParseTuple(args, "y*p:rows", &view, &cdr))
         return NULL;
+    const char *marker = cdr ? " start_time=" : "ACC: ";
+    Py_ssize_t mlen = cdr ? 12 : 5;
     const char *s = (const char *)view.buf;
     Py_ssize_t size = view.len;
     Buf col[NCOL + 1];
@@ -245,10 +353,10 @@ acc_rows(PyObject *self, PyObject *arg)
 
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
-        Py_ssize_t at = find(s, size, pos, "ACC: ", 5);
+        Py_ssize_t at = find(s, size, pos, marker, mlen);
         if (at < 0)
             break;
-        Py_ssize_t r0 = at + 5, lim = size - r0 < REST ? size - r0 : REST;
+        Py_ssize_t r0 = at + mlen, lim = size - r0 < REST ? size - r0 : REST;
         const char *nl = memchr(s + r0, '\n', (size_t)lim);
         Py_ssize_t len = nl ? nl - (s + r0) : lim;
         int failed = 0;
@@ -262,10 +370,10 @@ acc_rows(PyObject *self, PyObject *arg)
         int64_t *c[NCOL];
         for (int j = 0; j < NCOL; j++)
             c[j] = (int64_t *)col[j].data + n;
-        *c[0] = at;
+        *c[0] = cdr ? r0 : at;
         *c[1] = len;
-        scan_row((const unsigned char *)s + r0, len, c[2], c[3], c[4], c[5],
-                 (uint8_t *)col[NCOL].data + n);
+        (cdr ? scan_cdr_row : scan_row)((const unsigned char *)s + r0, len, c[2], c[3], c[4],
+                                        c[5], c[6], c[7], (uint8_t *)col[NCOL].data + n);
         n++;
         pos = r0 + len;
     }
@@ -296,7 +404,7 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"acc_rows", acc_rows, METH_O, acc_rows_doc},
+    {"rows", rows, METH_VARARGS, rows_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -317,7 +425,8 @@ PyInit__scan(void)
         PyModule_AddIntConstant(m, "BYE", F_BYE) < 0 ||
         PyModule_AddIntConstant(m, "TWO", F_TWO) < 0 ||
         PyModule_AddIntConstant(m, "MISSED", F_MISSED) < 0 ||
-        PyModule_AddIntConstant(m, "ENDED", F_ENDED) < 0) {
+        PyModule_AddIntConstant(m, "ENDED", F_ENDED) < 0 ||
+        PyModule_AddIntConstant(m, "ANSWERED", F_ANSWERED) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -5,5 +5,7 @@ BYE: int
 TWO: int
 MISSED: int
 ENDED: int
+ANSWERED: int
 
-def acc_rows(chunk: bytes, /) -> tuple[int, bytes, bytes, bytes, bytes, bytes, bytes, bytes]: ...
+def rows(chunk: bytes | bytearray | memoryview, cdr: bool, /) -> tuple[int, bytes, bytes, bytes, bytes, bytes, bytes,
+                                               bytes, bytes, bytes]: ...

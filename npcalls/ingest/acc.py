@@ -441,15 +441,20 @@ class AccParser:
         scan = USE_SCAN and not has_nul and b"\x00" not in (self._shape["acc"] or ((), b""))[1]
         acc_rows = [] if scan else _ACC_RX.findall(chunk)
         cdr_rx = _CDR_RX_BOL if self._bol_cdr else _CDR_RX
+        scan_cdr = USE_SCAN and not has_nul and not self._bol_cdr and \
+            b"\x00" not in (self._shape["cdr"] or ((), b""))[1]
         # (the substring search skips a chunk without CDRs faster than the regex)
-        cdr_rows = cdr_rx.findall(chunk) if self._bol_cdr or b" start_time=" in chunk else []
+        cdr_rows = cdr_rx.findall(chunk) if not scan_cdr and (
+            self._bol_cdr or b" start_time=" in chunk) else []
         slow_events: list[tuple[int, int, bytes, int, int]] = []   # (kind, row, cid, t1, t2)
         if scan:
             self._acc_scanned(chunk, lines, p, slow_events, source)
         elif acc_rows:
             self._in_pass = 0
             self._acc(acc_rows, chunk, lines, has_nul, p, slow_events, source)
-        if cdr_rows:
+        if scan_cdr:
+            self._cdr_scanned(chunk, lines, p, slow_events, source)
+        elif cdr_rows:
             self._in_pass = 0
             self._cdr(cdr_rows, chunk, lines, has_nul, p, slow_events, source, cdr_rx)
         elif slow_events:           # OpenSIPS "ACC: call ended" CDRs and no Kamailio CDR
@@ -553,50 +558,32 @@ class AccParser:
                      source: str) -> None:
         """:meth:`_acc` with the compiled scanner: it finds the rows and reads those of the
         common shape; the numpy path reads the others, as it would have (no NUL in chunk)."""
-        assert _scan is not None
-        n, *cols = _scan.acc_rows(chunk)
-        if not n:
+        r = self._scanned(chunk, False)
+        if r is None:
             return
-        self._in_pass = 0
-        off, ln, t, cat, clen, tail = (np.frombuffer(c, np.int64) for c in cols[:6])
-        fl = np.frombuffer(cols[6], np.uint8)
-        simple = (fl & _scan.SIMPLE) != 0
+        n, fl, simple, sel, gen, rows, t, _, clen, craw, cids, tails, rt = r
+        assert _scan is not None
         missed = (fl & _scan.MISSED) != 0
         ended = (fl & _scan.ENDED) != 0
         is_inv = (fl & _scan.INVITE) != 0
         is_bye = (fl & _scan.BYE) != 0
         two = ((fl & _scan.TWO) != 0) & ~missed
         ok = simple.copy()
-        t = t.copy()
-        start = off + 5
         too_long = clen > self.key_width if self.key_width else np.zeros(n, bool)
         kok = ~too_long
-        fm = np.frombuffer(chunk, np.uint8).reshape(1, -1)
-        gen = np.flatnonzero(~simple)
-        k = int(clen.max()) if len(gen) < n else 0
+        k = int(craw[sel].max()) if len(sel) else 0
         g = None
         if len(gen):
-            s0, l0 = start[gen].tolist(), ln[gen].tolist()
-            g = _acc_fields([chunk[a:a + b] for a, b in zip(s0, l0)], False, self.key_width)
+            g = _acc_fields(rows, False, self.key_width)
             ok[gen], t[gen], is_inv[gen], is_bye[gen] = g.ok, g.t, g.is_inv, g.is_bye
             two[gen], kok[gen], too_long[gen] = g.two, g.kok, g.too_long
             k = max(k, g.cid.dtype.itemsize)
         k = max(k, 1)
         cid = np.zeros(n, f"S{k}")
-        sel = np.flatnonzero(simple)
         if len(sel):
-            cid[sel] = field(None, start[sel] + cat[sel], start[sel] + cat[sel] + clen[sel], fm, k,
-                             np.zeros(len(sel), np.int64))
+            cid[sel] = cids(k)
         if g is not None:
             cid[gen] = g.cid
-        a_abs = start + tail
-        rend = start + ln
-
-        def tails(k: int, rows: np.ndarray | None = None) -> np.ndarray:
-            aa, ee = (a_abs, rend) if rows is None else (a_abs[rows], rend[rows])
-            return gather(fm, aa, ee - aa, k, np.zeros(len(aa), np.int64))
-
-        rt = _Rows(None, chunk, _ACC_RX, 0, 5, off, ln)
         cut = self._cut_by_tails("acc", tails, ~ended, rt.text)
         self._acc_finish(_AccFields(None, None, ok, t, is_inv, is_bye, missed, ended, two, cid,
                                     kok, too_long), cut, rt, lines, p, slow_events, source)
@@ -679,44 +666,102 @@ class AccParser:
 
     def _cdr(self, rows: list[bytes], chunk: bytes, lines: ChunkLines, has_nul: bool, p: Parsed,
              slow_events: list, source: str, rx: re.Pattern = _CDR_RX) -> None:
-        B = np.array(rows, f"S{max(map(len, rows)) + 1}")
-        if B.dtype.itemsize == 0:
-            B = B.astype("S1")
-        m = matrix(B)
-        st, en, dstart, ok, cand = _cdr_times(B, m)
+        f = _cdr_fields(rows, has_nul, self.key_width)
+        assert f.A is not None and f.m is not None
         rt = _Rows(rows, chunk, rx, 1, 0)
-        cut = self._cut_rows("cdr", B, m, cand, rt.text)
-        ok &= ~cut
-        # the duration only matters as zero (a dialog never answered: Kamailio
-        # writes "0") or not; its digits are checked, not converted
-        du_end = S.find(B, b";", starts(dstart))
-        p_c = S.find(B, b"; call_id=", starts(du_end))
-        ok &= (dstart > 0) & (du_end > dstart) & (p_c >= du_end)
-        du_f = field(B, dstart, du_end, m)
-        du_digits = S.replace(du_f, b".", b"", 1)
-        ok &= S.isdigit(du_digits)
-        du = S.str_len(S.lstrip(du_digits, b"0"))          # 0 for a zero duration
-        c_end = S.find(B, b";", starts(p_c + 10))
-        c_end = np.where(c_end < 0, S.str_len(B), c_end)
-        cid = S.rstrip(field(B, p_c + 10, c_end, m), b" \t\r")
-        kok, too_long, odd = key_check(cid, self.key_width, has_nul)
-        ok &= ~odd & (S.find(cid, b"#") < 0)      # rsyslog escapes: the careful parser strips them
-        if has_nul:
-            ok &= np.array([b"\x00" not in r for r in rows], bool)
-        good = ok & kok
-        answered = good & (du != 0)
-        p.failed += int(np.count_nonzero(good & (du == 0)))
+        cut = self._cut_rows("cdr", f.A, f.m, f.cand, rt.text)
+        self._cdr_finish(f, cut, rt, lines, p, slow_events, source)
+
+    def _cdr_finish(self, f: "_CdrFields", cut: np.ndarray, rt: _Rows, lines: ChunkLines,
+                    p: Parsed, slow_events: list, source: str) -> None:
+        """Counts, problems and CDRs of the CDR rows, from their fields."""
+        ok = f.ok & ~cut
+        answered_du = f.answered
+        good = ok & f.kok
+        answered = good & answered_du
+        p.failed += int(np.count_nonzero(good & ~answered_du))
         p.cdr_lines += int(np.count_nonzero(good))
-        tl = np.flatnonzero(ok & too_long & (du != 0))
-        p.cdr_lines += int(np.count_nonzero(ok & too_long)) - len(tl)
-        p.failed += int(np.count_nonzero(ok & too_long & (du == 0)))
-        self._slow_rows("cdr", p, cid, tl, np.flatnonzero(~ok & cand), cut, rt, slow_events,
+        tl = np.flatnonzero(ok & f.too_long & answered_du)
+        p.cdr_lines += int(np.count_nonzero(ok & f.too_long)) - len(tl)
+        p.failed += int(np.count_nonzero(ok & f.too_long & ~answered_du))
+        self._slow_rows("cdr", p, f.cid, tl, np.flatnonzero(~ok & f.cand), cut, rt, slow_events,
                         source, lines)
-        keys, s2, e2 = cid[answered], st[answered], en[answered]
+        keys, s2, e2 = f.cid[answered], f.st[answered], f.en[answered]
         if slow_events:
             keys, s2, e2 = _merge(np.flatnonzero(answered), keys, s2, e2, slow_events)
         p.cdr_keys, p.cdr_start, p.cdr_end = keys, s2, e2
         slow_events.clear()
+
+    def _scanned(self, chunk: bytes, cdr: bool) -> tuple | None:
+        """The compiled scanner's rows of one kind (None if there are none), as arrays.
+
+        The common rows are read by the scanner; ``gen`` lists the others, which
+        the numpy path reads.
+        """
+        assert _scan is not None
+        n, *cols = _scan.rows(chunk, cdr)
+        if not n:
+            return None
+        self._in_pass = 0
+        off, ln, t, t2, cat, clen, craw, tail = (np.frombuffer(c, np.int64) for c in cols[:8])
+        fl = np.frombuffer(cols[8], np.uint8)
+        simple = (fl & _scan.SIMPLE) != 0
+        skip = 5 if not cdr else 0
+        start = off + skip
+        fm = np.frombuffer(chunk, np.uint8).reshape(1, -1)
+        sel = np.flatnonzero(simple)
+        gen = np.flatnonzero(~simple)
+        rows = [chunk[a:a + b] for a, b in zip(start[gen].tolist(), ln[gen].tolist())] \
+            if len(gen) else []
+        a_abs = start + tail
+        rend = start + ln
+
+        def tails(k: int, rows: np.ndarray | None = None) -> np.ndarray:
+            aa, ee = (a_abs, rend) if rows is None else (a_abs[rows], rend[rows])
+            return gather(fm, aa, ee - aa, k, np.zeros(len(aa), np.int64))
+
+        def cids(k: int) -> np.ndarray:
+            """The simple rows' Call-IDs, as an S``k`` array."""
+            c0 = start[sel] + cat[sel]
+            return field(None, c0, c0 + clen[sel], fm, k, np.zeros(len(sel), np.int64))
+
+        rt = _Rows(None, chunk, _CDR_RX if cdr else _ACC_RX, 1 if cdr else 0, skip, off, ln)
+        return (n, fl, simple, sel, gen, rows, t.copy(), t2.copy(), clen, craw, cids, tails,
+                rt)
+
+    def _cdr_scanned(self, chunk: bytes, lines: ChunkLines, p: Parsed, slow_events: list,
+                     source: str) -> None:
+        """:meth:`_cdr` with the compiled scanner (no NUL in chunk, CDR lines after a space)."""
+        r = self._scanned(chunk, True)
+        if r is None:
+            if slow_events:             # OpenSIPS "ACC: call ended" CDRs and no Kamailio CDR
+                p.cdr_keys, p.cdr_start, p.cdr_end = _merge(
+                    np.empty(0, np.int64), np.empty(0, "S1"), np.empty(0, np.int64),
+                    np.empty(0, np.int64), slow_events)
+            return
+        n, fl, simple, sel, gen, rows, st, en, clen, craw, cids, tails, rt = r
+        assert _scan is not None
+        ok = simple.copy()
+        cand = simple.copy()
+        answered = (fl & _scan.ANSWERED) != 0
+        too_long = clen > self.key_width if self.key_width else np.zeros(n, bool)
+        kok = ~too_long
+        k = int(craw[sel].max()) if len(sel) else 0
+        g = None
+        if len(gen):
+            g = _cdr_fields(rows, False, self.key_width)
+            ok[gen], cand[gen], st[gen], en[gen] = g.ok, g.cand, g.st, g.en
+            answered[gen], kok[gen], too_long[gen] = g.answered, g.kok, g.too_long
+            k = max(k, g.cid.dtype.itemsize)
+        k = max(k, 1)
+        cid = np.zeros(n, f"S{k}")
+        if len(sel):
+            cid[sel] = cids(k)
+        if g is not None:
+            cid[gen] = g.cid
+        cut = self._cut_by_tails("cdr", tails, cand, rt.text)
+        self._cdr_finish(_CdrFields(None, None, ok, cand, st, en, answered, cid, kok, too_long),
+                         cut, rt, lines, p, slow_events, source)
 
 class _AccFields(NamedTuple):
     """What the acc rows' own texts say, before the cut-short check (one entry per row)."""
@@ -773,6 +818,47 @@ def _acc_fields(rows: list[bytes], has_nul: bool, key_width: int | None) -> _Acc
         ok &= np.array([b"\x00" not in r for r in rows], bool)
     two = (c0 == 50) & ~missed                  # 2xx
     return _AccFields(A, m, ok, t, is_inv, is_bye, missed, ended, two, cid, kok, too_long)
+
+
+class _CdrFields(NamedTuple):
+    """What the CDR rows' own texts say, before the cut-short check (one entry per row)."""
+
+    A: np.ndarray | None
+    m: np.ndarray | None
+    ok: np.ndarray            # the numpy path may take the row (Call-ID length aside)
+    cand: np.ndarray          # a CDR row at all (has an end_time=)
+    st: np.ndarray
+    en: np.ndarray
+    answered: np.ndarray      # the duration is not zero
+    cid: np.ndarray
+    kok: np.ndarray
+    too_long: np.ndarray
+
+
+def _cdr_fields(rows: list[bytes], has_nul: bool, key_width: int | None) -> _CdrFields:
+    """Read the CDR rows' fields with numpy (the reference fast path)."""
+    B = np.array(rows, f"S{max(map(len, rows)) + 1}")
+    if B.dtype.itemsize == 0:
+        B = B.astype("S1")
+    m = matrix(B)
+    st, en, dstart, ok, cand = _cdr_times(B, m)
+    # the duration only matters as zero (a dialog never answered: Kamailio
+    # writes "0") or not; its digits are checked, not converted
+    du_end = S.find(B, b";", starts(dstart))
+    p_c = S.find(B, b"; call_id=", starts(du_end))
+    ok &= (dstart > 0) & (du_end > dstart) & (p_c >= du_end)
+    du_f = field(B, dstart, du_end, m)
+    du_digits = S.replace(du_f, b".", b"", 1)
+    ok &= S.isdigit(du_digits)
+    du = S.str_len(S.lstrip(du_digits, b"0"))          # 0 for a zero duration
+    c_end = S.find(B, b";", starts(p_c + 10))
+    c_end = np.where(c_end < 0, S.str_len(B), c_end)
+    cid = S.rstrip(field(B, p_c + 10, c_end, m), b" \t\r")
+    kok, too_long, odd = key_check(cid, key_width, has_nul)
+    ok &= ~odd & (S.find(cid, b"#") < 0)      # rsyslog escapes: the careful parser strips them
+    if has_nul:
+        ok &= np.array([b"\x00" not in r for r in rows], bool)
+    return _CdrFields(B, m, ok, cand, st, en, du != 0, cid, kok, too_long)
 
 
 _INVITE = np.frombuffer(b"INVITE;", np.uint8)
