@@ -708,7 +708,6 @@ class AccParser:
         simple = (fl & _scan.SIMPLE) != 0
         skip = 5 if not cdr else 0
         start = off + skip
-        fm = np.frombuffer(chunk, np.uint8).reshape(1, -1)
         sel = np.flatnonzero(simple)
         gen = np.flatnonzero(~simple)
         rows = [chunk[a:a + b] for a, b in zip(start[gen].tolist(), ln[gen].tolist())] \
@@ -716,14 +715,19 @@ class AccParser:
         a_abs = start + tail
         rend = start + ln
 
+        def take(at: np.ndarray, length: np.ndarray, k: int) -> np.ndarray:
+            assert _scan is not None
+            b = _scan.take(chunk, np.ascontiguousarray(at, np.int64),
+                           np.ascontiguousarray(length, np.int64), k)
+            return np.frombuffer(bytearray(b), np.uint8).reshape(len(at), k)
+
         def tails(k: int, rows: np.ndarray | None = None) -> np.ndarray:
             aa, ee = (a_abs, rend) if rows is None else (a_abs[rows], rend[rows])
-            return gather(fm, aa, ee - aa, k, np.zeros(len(aa), np.int64))
+            return take(aa, ee - aa, k)
 
         def cids(k: int) -> np.ndarray:
             """The simple rows' Call-IDs, as an S``k`` array."""
-            c0 = start[sel] + cat[sel]
-            return field(None, c0, c0 + clen[sel], fm, k, np.zeros(len(sel), np.int64))
+            return take(start[sel] + cat[sel], clen[sel], k).view(f"S{k}").reshape(len(sel))
 
         rt = _Rows(None, chunk, _CDR_RX if cdr else _ACC_RX, 1 if cdr else 0, skip, off, ln)
         return (n, fl, simple, sel, gen, rows, t.copy(), t2.copy(), clen, craw, cids, tails,
