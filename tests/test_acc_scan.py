@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from test_ingest_acc import LogBuilder, build_mix
 
 import npcalls
+from npcalls import NOT_SET
 from npcalls.ingest import acc
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -312,3 +313,55 @@ def test_scanner_under_address_and_undefined_behaviour_sanitizers(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
     assert "runtime error" not in r.stderr
+
+
+# ---------------------------------------------------------------------- times past int64
+
+# t_ms of 11 digits: past int64 nanoseconds (crashed the load: "internal error"); unreadable,
+# so the line's time is its timestamp= (as for any unreadable t_ms)
+_T_MS_PAST_INT64 = [
+    b"x ACC: transaction answered: timestamp=1795668428;t_ms=17956684565;method=BYE;"
+    b"from_tag=a;to_tag=b;call_id=c1@h;code=200;reason=OK",
+    b"x ACC: transaction answered: timestamp=1795668428;t_ms=17956684565.1;method=BYE;"
+    b"from_tag=a;to_tag=b;call_id=c2@h;code=200;reason=OK",
+    # the last second int64 holds, plus microseconds that pass it: the second is the time
+    b"x ACC: transaction answered: timestamp=9223372036;time_exten=999999;method=INVITE;"
+    b"from_tag=a;to_tag=b;call_id=c4@h;code=200;reason=OK",
+]
+_PAST_INT64 = [
+    # a 12-digit timestamp (was stored wrapped, as a date in 2092)
+    b"x ACC: transaction answered: timestamp=999999999999;method=INVITE;from_tag=a;to_tag=b;"
+    b"call_id=c3@h;code=200;reason=OK",
+    b"x log_write_cdr(): start_time=17956684565.1; end_time=17956684566.1; duration=1; "
+    b"call_id=c5@h",
+    b"x ACC: call ended: created=1;call_start_time=99999999999;duration=5;ms_duration=5000;"
+    b"setuptime=1;method=INVITE;from_tag=a;to_tag=b;call_id=c6@h;code=200;reason=OK",
+]
+
+
+@pytest.mark.parametrize("numpy_only", ["0", "1"])
+def test_times_past_int64_are_bad_lines_not_a_crash_nor_a_wrapped_date(cli_env, tmp_path,
+                                                                        numpy_only):
+    good = (b"x ACC: transaction answered: timestamp=1795668428;t_ms=1795668428.565;"
+            b"method=INVITE;from_tag=a;to_tag=b;call_id=ok@h;code=200;reason=OK")
+    log = tmp_path / "acc.log"
+    log.write_bytes(b"\n".join([good] + _T_MS_PAST_INT64 + _PAST_INT64) + b"\n")
+    env = dict(cli_env, NPCALLS_INGEST_NUMPY=numpy_only)
+    r = subprocess.run([sys.executable, "-m", "npcalls", "ingest", "t", str(log), "--create"],
+                       env=env, capture_output=True, timeout=120)
+    err = r.stderr.decode()
+    assert "internal error" not in err and "Traceback" not in err, err
+    assert f"bad lines: {len(_PAST_INT64)}" in err, err
+    with npcalls.CallTable.open(os.path.join(cli_env["NPCALLS_DIR"], "npcalls.t"),
+                                readonly=True) as t:
+        snap = t.snapshot()
+        got = sorted(zip(snap["key"].tolist(), snap["start"].tolist(), snap["end"].tolist()))
+    sec = 1795668428 * 1_000_000_000
+    assert got == [(b"c1@h", NOT_SET, sec), (b"c2@h", NOT_SET, sec),
+                   (b"c4@h", 9223372036 * 1_000_000_000, NOT_SET),
+                   (b"ok@h", sec + 565_000_000, NOT_SET)]
+    for line in _PAST_INT64:
+        i = line.find(b"ACC: ")
+        r2 = acc.parse_acc_text(line[i + 5:]) if i >= 0 else \
+            acc.parse_cdr_text(line[line.find(b" start_time=") + 12:])
+        assert r2[0] == acc.BAD, (line, r2)

@@ -116,6 +116,7 @@ _CDR_RX = re.compile(rb" start_time=(.{0,%d})" % _REST)
 _CDR_RX_BOL = re.compile(rb"(?:^| )start_time=(.{0,%d})" % _REST, re.M)
 
 _NS = 1_000_000_000
+_I64_MAX = 2**63 - 1
 _KNOWN_KINDS = frozenset({b"transaction answered", b"call missed", b"request acknowledged",
                           b"request accounted", b"call ended"})
 _DEC_TIME_NAMES = (b"t_ms", b"time_attr")
@@ -145,7 +146,10 @@ def _decimal(v: bytes) -> tuple[int, int] | None:
     if not (ip.isdigit() and len(ip) <= 11) or (fp and not fp.isdigit()):
         return None
     frac = fp[:9].ljust(9, b"0") if fp else b"0"
-    return min(len(fp), 9), int(ip) * _NS + int(frac)
+    ns = int(ip) * _NS + int(frac)
+    if ns > _I64_MAX:                   # past int64 nanoseconds (year 2262): no time
+        return None
+    return min(len(fp), 9), ns
 
 
 def _iso(v: bytes) -> int | None:
@@ -158,7 +162,7 @@ def acc_time(f: dict[bytes, bytes]) -> tuple[int | None, str]:
     cands: list[tuple[int, int, int]] = []      # (fraction digits, rank, ns)
     ts = f.get(b"timestamp")
     ts_ns = None
-    if ts is not None and ts.isdigit() and len(ts) <= 12:
+    if ts is not None and ts.isdigit() and len(ts) <= 12 and int(ts) * _NS <= _I64_MAX:
         ts_ns = int(ts) * _NS
         cands.append((0, 1, ts_ns))
     for name in _DEC_TIME_NAMES:
@@ -173,7 +177,8 @@ def acc_time(f: dict[bytes, bytes]) -> tuple[int | None, str]:
                     cands.append((0, 0, t))
     for name in _EXT_TIME_NAMES:
         v = f.get(name)
-        if v and ts_ns is not None and v.isdigit() and len(v) <= 6:
+        if v and ts_ns is not None and v.isdigit() and len(v) <= 6 and \
+                ts_ns + int(v) * 1000 <= _I64_MAX:
             cands.append((6, 2, ts_ns + int(v) * 1000))
     if cands:
         return max(cands)[2], ""
@@ -282,6 +287,8 @@ def _opensips_cdr(f: dict[bytes, bytes], body: bytes) -> tuple:
     if st is None or not st.isdigit():
         return (BAD, "no readable call_start_time")
     start = int(st) * _NS
+    if start > _I64_MAX:
+        return (BAD, "no readable call_start_time")
     ms = f.get(b"ms_duration")
     du = f.get(b"duration")
     if ms is not None and ms.isdigit():
@@ -289,6 +296,8 @@ def _opensips_cdr(f: dict[bytes, bytes], body: bytes) -> tuple:
     elif du is not None and du.isdigit():
         end = start + int(du) * _NS
     else:
+        return (BAD, "no readable duration")
+    if end > _I64_MAX:
         return (BAD, "no readable duration")
     why = call_id_problem(cid)
     if why:
@@ -946,7 +955,9 @@ def _acc_times_general(A: np.ndarray, m: np.ndarray, kpos: np.ndarray, p_m: np.n
     need = ~have_t
     if need.any():
         ts, tok = digits(m, t0, ts_end, 12)
-        ok &= tok | have_t
+        # seconds whose nanoseconds (and microseconds) pass int64 would wrap: the
+        # careful parser decides those rows
+        ok &= (tok & (ts <= _I64_MAX // _NS - 1)) | have_t
         ts_ns = ts * _NS
         if ext is not None and ext.any():
             u, uok = digits(m, eq + 1, v_end, 6)
