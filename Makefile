@@ -31,7 +31,8 @@ demo: $(CORE)
 system-deps:
 	scripts/install-system-deps.sh
 
-test: $(STAMP) system-deps lint
+# (system-deps first: it installs gcc, which the install uses to build ingest's C scanner)
+test: system-deps $(STAMP) lint
 	$(BIN)/python -m pytest
 
 # pyflakes + import order, and types (configured in pyproject.toml)
