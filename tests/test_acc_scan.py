@@ -176,7 +176,8 @@ def test_hypothesis_hostile_logs_same_results(data, key_width, chunk_lines):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(_PIECES + [b"a", b"0"]), max_size=40), st.binary(max_size=40),
+@given(st.lists(st.sampled_from(_PIECES + [b"a", b"0", b"start_time="]), max_size=40),
+       st.binary(max_size=40),
        st.booleans())
 def test_hypothesis_rows_are_what_the_regex_finds(pieces, tail, cdr):
     """On any bytes (no newline at the end, NULs, cut markers) the scanner finds the rows
@@ -188,6 +189,9 @@ def test_hypothesis_rows_are_what_the_regex_finds(pieces, tail, cdr):
     want = [(m.start(1 if cdr else 0), len(m.group(1))) for m in rx.finditer(data)]
     got = list(zip(np.frombuffer(off, np.int64).tolist(), np.frombuffer(ln, np.int64).tolist()))
     assert n == len(want) and got == want
+    if cdr:
+        bol = data.startswith(b"start_time=") or b"\nstart_time=" in data
+        assert _scan.rows(data, True)[-1] == bol
 
 
 def _long_line_cases() -> list[bytes]:

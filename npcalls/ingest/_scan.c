@@ -106,6 +106,14 @@ usual_time(const unsigned char *r, Py_ssize_t kpos, Py_ssize_t p_m)
     return i * 1000000000LL + f * 1000000LL;
 }
 
+/* The last-field start of a row (after its last ';', 0 if none). */
+static int64_t
+last_field(const unsigned char *r, Py_ssize_t n)
+{
+    const unsigned char *q = n > 0 ? memrchr(r, ';', (size_t)n) : NULL;
+    return q == NULL ? 0 : q - r + 1;
+}
+
 /* Fill one row's outputs; r is the row, n its length. */
 static void
 scan_row(const unsigned char *r, Py_ssize_t n, int64_t *t, int64_t *t2, int64_t *cid_at,
@@ -116,13 +124,7 @@ scan_row(const unsigned char *r, Py_ssize_t n, int64_t *t, int64_t *t2, int64_t 
     Py_ssize_t i;
 
     /* the start of the last field (after the last ';'), for the cut-short check */
-    *tail = 0;
-    for (i = n; i > 0; i--) {
-        if (r[i - 1] == ';') {
-            *tail = i;
-            break;
-        }
-    }
+    *tail = last_field(r, n);
     *t = *t2 = 0;
     *cid_at = *cid_len = *cid_raw = 0;
     if (n >= 12 && LIT(r, "call ended: "))
@@ -184,16 +186,6 @@ scan_row(const unsigned char *r, Py_ssize_t n, int64_t *t, int64_t *t2, int64_t 
     *cid_at = cs;
     *cid_len = *cid_raw = p_k - cs;
     *flags = fl | F_SIMPLE;
-}
-
-/* The last-field start of a row (after its last ';', 0 if none). */
-static int64_t
-last_field(const unsigned char *r, Py_ssize_t n)
-{
-    for (Py_ssize_t i = n; i > 0; i--)
-        if (r[i - 1] == ';')
-            return i;
-    return 0;
 }
 
 /* D10.D<f>; end_time=D10.D<f>; duration= at the row's start (acc.py's _CDR_TEMPLATES) */
@@ -319,13 +311,13 @@ PyDoc_STRVAR(rows_doc,
 "--\n\n"
 "Find the rows of ``ACC: (.{0,2048})`` (cdr false) or of `` start_time=(.{0,2048})``\n"
 "(cdr true) in chunk and read those of the common shape.\n\n"
-"Returns (n, off, length, t, t2, cid_at, cid_len, cid_raw, tail, flags): n rows;\n"
+"Returns (n, off, length, t, t2, cid_at, cid_len, cid_raw, tail, flags, bol): n rows;\n"
 "the other items are bytes holding n native int64 each (flags: n uint8).  off is\n"
 "where each row's marker (acc) or text (cdr) starts in the chunk; length the\n"
 "row's length after the marker; cid_at and tail are relative to the row's text.\n"
 "t (start for a CDR), t2 (a CDR's end), cid_at, cid_len (the Call-ID's length)\n"
 "and cid_raw (before trailing blanks were dropped) are only meaningful for rows\n"
-"flagged SIMPLE.");
+"flagged SIMPLE.  bol (cdr only): whether a line starts with ``start_time=``.");
 
 static PyObject *
 rows(PyObject *self, PyObject *args)
@@ -334,20 +326,31 @@ rows(PyObject *self, PyObject *args)
     int cdr;
     if (!PyArg_ParseTuple(args, "y*p:rows", &view, &cdr))
         return NULL;
-    const char *marker = cdr ? " start_time=" : "ACC: ";
-    Py_ssize_t mlen = cdr ? 12 : 5;
+    /* CDR rows: "start_time=" is searched for and the byte before it looked at, which
+     * also tells whether a CDR line without any prefix (at a line's start) is there */
+    const char *marker = cdr ? "start_time=" : "ACC: ";
+    Py_ssize_t mlen = cdr ? 11 : 5;
+    int bol = 0;
     const char *s = (const char *)view.buf;
     Py_ssize_t size = view.len;
     Buf col[NCOL + 1];
     memset(col, 0, sizeof(col));
-    Py_ssize_t n = 0, pos = 0;
+    Py_ssize_t n = 0, pos = 0, from = 0;     /* pos: where the regex would go on */
     PyObject *res = NULL;
 
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
-        Py_ssize_t at = find(s, size, pos, marker, mlen);
+        Py_ssize_t at = find(s, size, from, marker, mlen);
         if (at < 0)
             break;
+        if (cdr) {
+            if (at == 0 || s[at - 1] == '\n')
+                bol = 1;
+            if (at == 0 || at - 1 < pos || s[at - 1] != ' ') {
+                from = at + 1;
+                continue;
+            }
+        }
         Py_ssize_t r0 = at + mlen, lim = size - r0 < REST ? size - r0 : REST;
         const char *nl = memchr(s + r0, '\n', (size_t)lim);
         Py_ssize_t len = nl ? nl - (s + r0) : lim;
@@ -367,7 +370,7 @@ rows(PyObject *self, PyObject *args)
         (cdr ? scan_cdr_row : scan_row)((const unsigned char *)s + r0, len, c[2], c[3], c[4],
                                         c[5], c[6], c[7], (uint8_t *)col[NCOL].data + n);
         n++;
-        pos = r0 + len;
+        pos = from = r0 + len;
     }
     Py_END_ALLOW_THREADS
     /* grow() may only set the error with the GIL held: it did not, report here */
@@ -375,10 +378,16 @@ rows(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
-    res = PyTuple_New(NCOL + 2);
+    res = PyTuple_New(NCOL + 3);
     if (res == NULL)
         goto done;
-    PyTuple_SET_ITEM(res, 0, PyLong_FromSsize_t(n));
+    PyObject *count = PyLong_FromSsize_t(n);
+    if (count == NULL) {
+        Py_CLEAR(res);
+        goto done;
+    }
+    PyTuple_SET_ITEM(res, 0, count);
+    PyTuple_SET_ITEM(res, NCOL + 2, PyBool_FromLong(bol));
     for (int j = 0; j <= NCOL; j++) {
         PyObject *b = PyBytes_FromStringAndSize(col[j].data ? col[j].data : "",
                                                 j < NCOL ? n * 8 : n);

@@ -7,7 +7,7 @@ MISSED: int
 ENDED: int
 ANSWERED: int
 
-def rows(chunk: bytes | bytearray | memoryview, cdr: bool, /) -> tuple[int, bytes, bytes, bytes, bytes, bytes, bytes,
-                                               bytes, bytes, bytes]: ...
+def rows(chunk: bytes | bytearray | memoryview, cdr: bool, /
+         ) -> tuple[int, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bool]: ...
 def take(chunk: bytes | bytearray | memoryview, start: object, length: object, k: int, /
          ) -> bytes: ...

@@ -412,6 +412,9 @@ class AccParser:
         self.kept = 0
         self._in_pass = 0
         self._bol_cdr = False
+        # whether the chunk has a line starting with "start_time=" (the scanner
+        # answers it in passing; None: not asked, parse() searches itself)
+        self._bol_seen: bool | None = None
         # per kind: the field names of a whole line, and its last field's "name="
         self._shape: dict[str, tuple[list[bytes], bytes] | None] = {"acc": None, "cdr": None}
 
@@ -433,8 +436,9 @@ class AccParser:
         # (which looks for " start_time=") took them for other lines.  Looking
         # for them costs a search of the whole chunk, so only when some lines
         # were not understood; once seen, the input is read that way.
-        if p.ignored and not self._bol_cdr and (chunk.startswith(b"start_time=")
-                                                or b"\nstart_time=" in chunk):
+        if p.ignored and not self._bol_cdr and (
+                self._bol_seen if self._bol_seen is not None else
+                chunk.startswith(b"start_time=") or b"\nstart_time=" in chunk):
             self._bol_cdr = True
             self.kept -= len(p.problems)
             p = self._parse(chunk, base_line, source)
@@ -442,6 +446,7 @@ class AccParser:
 
     def _parse(self, chunk: bytes, base_line: int, source: str) -> Parsed:
         p = Parsed()
+        self._bol_seen = None
         p.lines = count_lines(chunk)
         lines = ChunkLines(chunk, base_line)
         has_nul = b"\x00" in chunk
@@ -708,7 +713,9 @@ class AccParser:
         the numpy path reads.
         """
         assert _scan is not None
-        n, *cols = _scan.rows(chunk, cdr)
+        n, *cols, bol = _scan.rows(chunk, cdr)
+        if cdr:
+            self._bol_seen = bol
         if not n:
             return None
         self._in_pass = 0
