@@ -48,6 +48,31 @@ def test_the_env_var_selects_the_numpy_path_in_new_processes():
         assert out == want, val
 
 
+def test_without_the_extension_the_numpy_path_loads_the_same(tmp_path):
+    """An install without a C compiler has no _scan module: acc.py imports, uses numpy."""
+    code = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "npcalls.ingest._scan":
+                    raise ImportError("no compiled scanner (a machine without a compiler)")
+        sys.meta_path.insert(0, Block())
+        from npcalls.ingest import acc
+        assert acc._scan is None and not acc.USE_SCAN
+        p = acc.parse_text(open(sys.argv[1], "rb").read(), 64)
+        print(len(p.acc_keys), len(p.cdr_keys), p.acc_lines, p.cdr_lines, p.bad)
+    """)
+    log = os.path.join(DATA, "kamailio-acc.log")
+    out = subprocess.run([sys.executable, "-c", code, log], capture_output=True, text=True,
+                         check=True).stdout.split()
+    with open(log, "rb") as f:
+        p = acc.parse_text(f.read(), 64)
+    assert acc.USE_SCAN
+    assert [int(x) for x in out] == [len(p.acc_keys), len(p.cdr_keys), p.acc_lines,
+                                     p.cdr_lines, p.bad]
+    assert p.acc_lines > 1000
+
+
 # ---------------------------------------------------------------------- both paths
 
 def _outcome(p: acc.Parsed) -> tuple:
