@@ -12,8 +12,9 @@ STAMP   := $(VENV)/.installed-dev
 
 .PHONY: demo test lint test-stress bench bench-kamailio system-deps clean
 
-# npcalls alone (numpy, xxhash): all the demo needs
-$(CORE): pyproject.toml
+# npcalls alone (numpy, xxhash): all the demo needs; a C compiler, if there is one,
+# builds the compiled fast path of ingest (npcalls/ingest/_scan.c) in place
+$(CORE): pyproject.toml setup.py npcalls/ingest/_scan.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e .
@@ -30,7 +31,8 @@ demo: $(CORE)
 system-deps:
 	scripts/install-system-deps.sh
 
-test: $(STAMP) system-deps lint
+# (system-deps first: it installs gcc, which the install uses to build ingest's C scanner)
+test: system-deps $(STAMP) lint
 	$(BIN)/python -m pytest
 
 # pyflakes + import order, and types (configured in pyproject.toml)

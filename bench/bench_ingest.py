@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import npcalls  # noqa: E402
-from npcalls.ingest import ingest  # noqa: E402
+from npcalls.ingest import acc, ingest  # noqa: E402
 from npcalls.ingest.sources import open_source  # noqa: E402
 from npcalls.ingest.tabular import TabularParser  # noqa: E402
 
@@ -238,6 +238,16 @@ def paper_speedup(w: dict, fixed: float, cores: int) -> float:
     return one / (fixed + ser + par / cores)
 
 
+def numpy_path(log: str, cap: int):
+    """:func:`_ingest_in_process` with one job and the compiled scanner off."""
+    saved = acc.USE_SCAN
+    acc.USE_SCAN = False
+    try:
+        return _ingest_in_process(log, cap, 1)
+    finally:
+        acc.USE_SCAN = saved
+
+
 def _ingest_in_process(log: str, cap: int, jobs: int):
     name = f"inp{os.getpid()}-{time.monotonic_ns()}"
     t = npcalls.CallTable.create(name, capacity=cap, key_width=64)
@@ -382,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, path, nl, cp in inputs:
             tb, calls = best(lambda: baseline(path), a.repeat)
             to, summ = best(lambda: ours_on(path, cp, 1), a.repeat)
+            tn, _ = best(lambda: numpy_path(path, cp), a.repeat)
             load_b = os.getloadavg()[0]
             tc1, _ = best(lambda: cli_ingest(path, 1, cp), a.repeat)
             load_1 = os.getloadavg()[0]
@@ -397,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"speedup {tc1 / tc2:.2f}x (load {load_2:.1f})"
                   + ("  [file below PARALLEL_MIN: one process]" if small else ""))
             print(f"  ingest() in-process, 1 job     {to:7.2f} s  {nl / to:>12,.0f} lines/s   "
-                  f"[{summ.started:,} started, {summ.ended:,} ended, {summ.end_only:,} end-only]")
+                  f"[{summ.started:,} started, {summ.ended:,} ended, {summ.end_only:,} end-only]"
+                  f" ({'compiled scanner' if acc.USE_SCAN else 'numpy path: scanner not built'})")
+            print(f"  ingest() in-process, numpy     {tn:7.2f} s  {nl / tn:>12,.0f} lines/s   "
+                  f"(NPCALLS_INGEST_NUMPY=1: the parser without the compiled scanner)")
             print(f"  per-line Python -> dict        {tb:7.2f} s  {nl / tb:>12,.0f} lines/s   "
                   f"[{len(calls):,} calls, {ended:,} ended] (load {load_b:.1f})")
             print(f"  ratio CLI --jobs 1 / per-line  {tb / tc1:7.1f}x")
@@ -418,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             res["acc"][label] = dict(
                 lines=nl, cli_jobs1_seconds=tc1, cli_jobs1_lines_per_s=nl / tc1,
                 cli_jobs2_seconds=tc2, jobs2_speedup=tc1 / tc2, seconds=to,
+                numpy_path_seconds=tn, compiled_scanner=acc.USE_SCAN,
                 lines_per_s=nl / to, baseline_seconds=tb, baseline_lines_per_s=nl / tb,
                 ratio=tb / tc1, ratio_in_process=tb / to, time=w, est16_speedup=est16,
                 est2_speedup=est2, cli_fixed_seconds=fixed,

@@ -12,6 +12,9 @@ command -v kamailio >/dev/null 2>&1 || need="$need kamailio"
 command -v sipp >/dev/null 2>&1 || need="$need sip-tester"
 # Prometheus: the exporter is tested against a real server (tests/test_prometheus.py)
 command -v prometheus >/dev/null 2>&1 || need="$need prometheus"
+# gcc: builds ingest's compiled scanner (npcalls/ingest/_scan.c, optional for users; the
+# tests check it was built) and its AddressSanitizer run (tests/test_acc_scan.py)
+command -v gcc >/dev/null 2>&1 || need="$need gcc libc6-dev"
 # setpriv: the read-only `npcalls check` test drops root's file-mode override with it
 command -v setpriv >/dev/null 2>&1 || need="$need util-linux"
 if [ -n "$need" ]; then

@@ -58,8 +58,9 @@ Call-ID, if it is the last field, cannot be told from a complete one).
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -90,6 +91,18 @@ from .common import (
     too_long_reason,
 )
 
+try:
+    from . import _scan
+except ImportError:           # built without a C compiler: the numpy path does all the work
+    _scan = None  # type: ignore[assignment]
+
+USE_SCAN: bool = _scan is not None and os.environ.get("NPCALLS_INGEST_NUMPY", "") in ("", "0")
+"""Whether acc chunks go through the compiled scanner (:mod:`npcalls.ingest._scan`).
+
+False when the extension was not built, or with ``NPCALLS_INGEST_NUMPY=1`` in the
+environment (which the tests use to run the numpy path, the reference, in
+worker processes too).  Both paths give the same results."""
+
 __all__ = ["AccParser", "Parsed", "Problem", "parse_acc_text", "parse_cdr_text", "clean_eol"]
 
 _REST = 2048
@@ -103,6 +116,7 @@ _CDR_RX = re.compile(rb" start_time=(.{0,%d})" % _REST)
 _CDR_RX_BOL = re.compile(rb"(?:^| )start_time=(.{0,%d})" % _REST, re.M)
 
 _NS = 1_000_000_000
+_I64_MAX = 2**63 - 1
 _KNOWN_KINDS = frozenset({b"transaction answered", b"call missed", b"request acknowledged",
                           b"request accounted", b"call ended"})
 _DEC_TIME_NAMES = (b"t_ms", b"time_attr")
@@ -132,7 +146,10 @@ def _decimal(v: bytes) -> tuple[int, int] | None:
     if not (ip.isdigit() and len(ip) <= 11) or (fp and not fp.isdigit()):
         return None
     frac = fp[:9].ljust(9, b"0") if fp else b"0"
-    return min(len(fp), 9), int(ip) * _NS + int(frac)
+    ns = int(ip) * _NS + int(frac)
+    if ns > _I64_MAX:                   # past int64 nanoseconds (year 2262): no time
+        return None
+    return min(len(fp), 9), ns
 
 
 def _iso(v: bytes) -> int | None:
@@ -145,7 +162,7 @@ def acc_time(f: dict[bytes, bytes]) -> tuple[int | None, str]:
     cands: list[tuple[int, int, int]] = []      # (fraction digits, rank, ns)
     ts = f.get(b"timestamp")
     ts_ns = None
-    if ts is not None and ts.isdigit() and len(ts) <= 12:
+    if ts is not None and ts.isdigit() and len(ts) <= 12 and int(ts) * _NS <= _I64_MAX:
         ts_ns = int(ts) * _NS
         cands.append((0, 1, ts_ns))
     for name in _DEC_TIME_NAMES:
@@ -160,7 +177,8 @@ def acc_time(f: dict[bytes, bytes]) -> tuple[int | None, str]:
                     cands.append((0, 0, t))
     for name in _EXT_TIME_NAMES:
         v = f.get(name)
-        if v and ts_ns is not None and v.isdigit() and len(v) <= 6:
+        if v and ts_ns is not None and v.isdigit() and len(v) <= 6 and \
+                ts_ns + int(v) * 1000 <= _I64_MAX:
             cands.append((6, 2, ts_ns + int(v) * 1000))
     if cands:
         return max(cands)[2], ""
@@ -269,6 +287,8 @@ def _opensips_cdr(f: dict[bytes, bytes], body: bytes) -> tuple:
     if st is None or not st.isdigit():
         return (BAD, "no readable call_start_time")
     start = int(st) * _NS
+    if start > _I64_MAX:
+        return (BAD, "no readable call_start_time")
     ms = f.get(b"ms_duration")
     du = f.get(b"duration")
     if ms is not None and ms.isdigit():
@@ -276,6 +296,8 @@ def _opensips_cdr(f: dict[bytes, bytes], body: bytes) -> tuple:
     elif du is not None and du.isdigit():
         end = start + int(du) * _NS
     else:
+        return (BAD, "no readable duration")
+    if end > _I64_MAX:
         return (BAD, "no readable duration")
     why = call_id_problem(cid)
     if why:
@@ -338,22 +360,34 @@ class _Rows:
     """The texts one pass captured and where each lies in its chunk (found only when asked).
 
     ``group``: the regex group whose start is a row's offset (what line numbers
-    are taken from); ``skip``: bytes from that offset to the row's text.
+    are taken from); ``skip``: bytes from that offset to the row's text.  The
+    compiled scanner gives the offsets and lengths instead of the texts
+    (``offsets``, ``lengths``); a row's text is then cut from the chunk when asked.
     """
 
-    def __init__(self, rows: list[bytes], chunk: bytes, rx: re.Pattern, group: int,
-                 skip: int) -> None:
+    def __init__(self, rows: list[bytes] | None, chunk: bytes, rx: re.Pattern, group: int,
+                 skip: int, offsets: np.ndarray | None = None,
+                 lengths: np.ndarray | None = None) -> None:
         self.rows, self.chunk, self.rx, self.group, self.skip = rows, chunk, rx, group, skip
-        self._offsets: list[int] | None = None
+        self._offsets: list[int] | None = None if offsets is None else offsets.tolist()
+        self._lengths = None if lengths is None else lengths.tolist()
 
     def offset(self, i: int) -> int:
         if self._offsets is None:
             self._offsets = [x.start(self.group) for x in self.rx.finditer(self.chunk)]
         return self._offsets[i]
 
+    def row(self, i: int) -> bytes:
+        """Row ``i`` as the pass captured it."""
+        if self.rows is not None:
+            return self.rows[i]
+        assert self._lengths is not None
+        off = self.offset(i) + self.skip
+        return self.chunk[off:off + self._lengths[i]]
+
     def text(self, i: int) -> bytes:
         """Row ``i`` up to its line's end (a capture stops at :data:`_REST` bytes)."""
-        row = self.rows[i]
+        row = self.row(i)
         if len(row) < _REST:
             return row
         off = self.offset(i) + self.skip
@@ -378,6 +412,9 @@ class AccParser:
         self.kept = 0
         self._in_pass = 0
         self._bol_cdr = False
+        # whether the chunk has a line starting with "start_time=" (the scanner
+        # answers it in passing; None: not asked, parse() searches itself)
+        self._bol_seen: bool | None = None
         # per kind: the field names of a whole line, and its last field's "name="
         self._shape: dict[str, tuple[list[bytes], bytes] | None] = {"acc": None, "cdr": None}
 
@@ -399,8 +436,9 @@ class AccParser:
         # (which looks for " start_time=") took them for other lines.  Looking
         # for them costs a search of the whole chunk, so only when some lines
         # were not understood; once seen, the input is read that way.
-        if p.ignored and not self._bol_cdr and (chunk.startswith(b"start_time=")
-                                                or b"\nstart_time=" in chunk):
+        if p.ignored and not self._bol_cdr and (
+                self._bol_seen if self._bol_seen is not None else
+                chunk.startswith(b"start_time=") or b"\nstart_time=" in chunk):
             self._bol_cdr = True
             self.kept -= len(p.problems)
             p = self._parse(chunk, base_line, source)
@@ -408,18 +446,29 @@ class AccParser:
 
     def _parse(self, chunk: bytes, base_line: int, source: str) -> Parsed:
         p = Parsed()
+        self._bol_seen = None
         p.lines = count_lines(chunk)
         lines = ChunkLines(chunk, base_line)
         has_nul = b"\x00" in chunk
-        acc_rows = _ACC_RX.findall(chunk)
+        # the compiled scanner assumes no NUL byte in the text, nor in the shape it compares
+        # lines with; NULs are rare enough for the numpy path to take such chunks whole
+        scan = USE_SCAN and not has_nul and b"\x00" not in (self._shape["acc"] or ((), b""))[1]
+        acc_rows = [] if scan else _ACC_RX.findall(chunk)
         cdr_rx = _CDR_RX_BOL if self._bol_cdr else _CDR_RX
+        scan_cdr = USE_SCAN and not has_nul and not self._bol_cdr and \
+            b"\x00" not in (self._shape["cdr"] or ((), b""))[1]
         # (the substring search skips a chunk without CDRs faster than the regex)
-        cdr_rows = cdr_rx.findall(chunk) if self._bol_cdr or b" start_time=" in chunk else []
+        cdr_rows = cdr_rx.findall(chunk) if not scan_cdr and (
+            self._bol_cdr or b" start_time=" in chunk) else []
         slow_events: list[tuple[int, int, bytes, int, int]] = []   # (kind, row, cid, t1, t2)
-        if acc_rows:
+        if scan:
+            self._acc_scanned(chunk, lines, p, slow_events, source)
+        elif acc_rows:
             self._in_pass = 0
             self._acc(acc_rows, chunk, lines, has_nul, p, slow_events, source)
-        if cdr_rows:
+        if scan_cdr:
+            self._cdr_scanned(chunk, lines, p, slow_events, source)
+        elif cdr_rows:
             self._in_pass = 0
             self._cdr(cdr_rows, chunk, lines, has_nul, p, slow_events, source, cdr_rx)
         elif slow_events:           # OpenSIPS "ACC: call ended" CDRs and no Kamailio CDR
@@ -450,15 +499,26 @@ class AccParser:
 
         ``A`` must have a NUL after every row (an itemsize above the longest row).
         """
-        cut = np.zeros(len(A), bool)
+        if not cand.any():
+            return np.zeros(len(A), bool)
+        a = S.rfind(A, b";") + 1
+
+        def tails(k: int, rows: np.ndarray | None = None) -> np.ndarray:
+            return gather(m, a if rows is None else a[rows], None, k, rows)
+        return self._cut_by_tails(kind, tails, cand, text)
+
+    def _cut_by_tails(self, kind: str, tails: "Callable[..., np.ndarray]", cand: np.ndarray,
+                      text: "Callable[[int], bytes]") -> np.ndarray:
+        """:meth:`_cut_rows` given ``tails(k, rows=None)``: the ``k`` bytes after each
+        row's last ';' (after its start if none), zeros past the row's end."""
+        cut = np.zeros(len(cand), bool)
         if not cand.any():
             return cut
-        a = S.rfind(A, b";") + 1
         shape = self._shape[kind]
         if shape is None:
             # the most common last field of the input's first lines gives the shape
             first = np.flatnonzero(cand)[:1000]
-            g = gather(m, a[first], None, 24, first)
+            g = tails(24, first)
             g *= np.cumprod((g != 61) & (g != 0), axis=1, dtype=np.uint8)   # up to "=" or the end
             keys = g.view("S24").reshape(-1)
             vals, counts = np.unique(keys, return_counts=True)
@@ -471,7 +531,7 @@ class AccParser:
         for _ in range(3):
             ref, token = shape
             pat = np.frombuffer(token, np.uint8)
-            same = (gather(m, a, None, len(pat)) == pat).all(axis=1)
+            same = (tails(len(pat)) == pat).all(axis=1)
             sus = np.flatnonzero(cand & ~same).tolist()
             for i in sus:
                 if i not in names:
@@ -502,45 +562,53 @@ class AccParser:
 
     def _acc(self, rows: list[bytes], chunk: bytes, lines: ChunkLines, has_nul: bool, p: Parsed,
              slow_events: list, source: str) -> None:
-        # one byte wider than the longest row: every row ends with a NUL (see _cut_rows)
-        A = np.array(rows, f"S{max(map(len, rows)) + 1}")
-        if A.dtype.itemsize == 0:
-            A = A.astype("S1")
-        m = matrix(A)
-        # "<kind>: timestamp=S[;name=value...];method=M;from_tag=..;to_tag=..;call_id=C;code=NNN"
-        kpos = S.find(A, b": timestamp=")
-        p_m = S.find(A, b";method=", starts(kpos))
-        p_c = S.find(A, b";call_id=", starts(p_m))
-        p_k = S.find(A, b";code=", starts(p_c))
-        ok = (kpos > 0) & (p_m > kpos) & (p_c > p_m) & (p_k > p_c)
-        missed = S.startswith(A, b"call missed: ")
-        ended = S.startswith(A, b"call ended: ")
-        ok &= ~ended
-        t, tok = _acc_times(A, m, kpos, p_m, ok)
-        ok &= tok
-        # the method: INVITE and BYE at a glance, anything else checked as a token
-        g = gather(m, p_m + 8, None, 7)
-        is_inv = (g == _INVITE).all(axis=1)
-        is_bye = (g[:, :4] == _BYE).all(axis=1)
-        other = np.flatnonzero(ok & ~is_inv & ~is_bye)
-        if len(other):
-            sub = A[other]
-            me = find_in(sub, b";", p_m[other] + 8, p_c[other] + 1)
-            ok[other] &= S.isalpha(field(sub, p_m[other] + 8, me))
-        # the code: three digits, then ';' or the end of the line
-        g = gather(m, p_k + 6, None, 4)
-        ok &= ((g[:, :3] >= 48) & (g[:, :3] <= 57)).all(axis=1) & ((g[:, 3] == 59) | (g[:, 3] == 0))
-        c0 = g[:, 0]
+        f = _acc_fields(rows, has_nul, self.key_width)
+        assert f.A is not None and f.m is not None
         rt = _Rows(rows, chunk, _ACC_RX, 0, 5)
-        cut = self._cut_rows("acc", A, m, ~ended, rt.text)
-        ok &= ~cut
-        cid = field(A, p_c + 9, p_k, m)
-        kok, too_long, odd = key_check(cid, self.key_width, has_nul)
-        ok &= ~odd
-        if has_nul:
-            ok &= np.array([b"\x00" not in r for r in rows], bool)
-        two = (c0 == 50) & ~missed                  # 2xx
-        good = ok & kok
+        cut = self._cut_rows("acc", f.A, f.m, ~f.ended, rt.text)
+        self._acc_finish(f, cut, rt, lines, p, slow_events, source)
+
+    def _acc_scanned(self, chunk: bytes, lines: ChunkLines, p: Parsed, slow_events: list,
+                     source: str) -> None:
+        """:meth:`_acc` with the compiled scanner: it finds the rows and reads those of the
+        common shape; the numpy path reads the others, as it would have (no NUL in chunk)."""
+        r = self._scanned(chunk, False)
+        if r is None:
+            return
+        n, fl, simple, sel, gen, rows, t, _, clen, craw, cids, tails, rt = r
+        assert _scan is not None
+        missed = (fl & _scan.MISSED) != 0
+        ended = (fl & _scan.ENDED) != 0
+        is_inv = (fl & _scan.INVITE) != 0
+        is_bye = (fl & _scan.BYE) != 0
+        two = ((fl & _scan.TWO) != 0) & ~missed
+        ok = simple.copy()
+        too_long = clen > self.key_width if self.key_width else np.zeros(n, bool)
+        kok = ~too_long
+        k = int(craw[sel].max()) if len(sel) else 0
+        g = None
+        if len(gen):
+            g = _acc_fields(rows, False, self.key_width)
+            ok[gen], t[gen], is_inv[gen], is_bye[gen] = g.ok, g.t, g.is_inv, g.is_bye
+            two[gen], kok[gen], too_long[gen] = g.two, g.kok, g.too_long
+            k = max(k, g.cid.dtype.itemsize)
+        k = max(k, 1)
+        cid = np.zeros(n, f"S{k}")
+        if len(sel):
+            cid[sel] = cids(k)
+        if g is not None:
+            cid[gen] = g.cid
+        cut = self._cut_by_tails("acc", tails, ~ended, rt.text)
+        self._acc_finish(_AccFields(None, None, ok, t, is_inv, is_bye, missed, ended, two, cid,
+                                    kok, too_long), cut, rt, lines, p, slow_events, source)
+
+    def _acc_finish(self, f: "_AccFields", cut: np.ndarray, rt: _Rows, lines: ChunkLines,
+                    p: Parsed, slow_events: list, source: str) -> None:
+        """Counts, problems and events of the acc rows, from their fields."""
+        ok = f.ok & ~cut
+        two, missed, is_inv, is_bye, too_long, t = f.two, f.missed, f.is_inv, f.is_bye, \
+            f.too_long, f.t
+        good = ok & f.kok
         start_row = good & two & is_inv
         end_row = good & two & is_bye
         p.failed += int(np.count_nonzero(good & (missed | (is_inv & ~two))))
@@ -550,10 +618,10 @@ class AccParser:
         tl = np.flatnonzero(ok & too_long & two & (is_inv | is_bye))
         p.acc_lines += int(np.count_nonzero(ok & too_long)) - len(tl)
         p.failed += int(np.count_nonzero(ok & too_long & (missed | (is_inv & ~two))))
-        self._slow_rows("acc", p, cid, tl, np.flatnonzero(~ok), cut, rt, slow_events, source,
+        self._slow_rows("acc", p, f.cid, tl, np.flatnonzero(~ok), cut, rt, slow_events, source,
                         lines)
         ev = start_row | end_row
-        keys = cid[ev]
+        keys = f.cid[ev]
         st = np.where(start_row, t, NOT_SET)[ev]
         en = np.where(end_row, t, NOT_SET)[ev]
         acc_ev = [e for e in slow_events if e[0] in (START, END)]
@@ -612,44 +680,206 @@ class AccParser:
 
     def _cdr(self, rows: list[bytes], chunk: bytes, lines: ChunkLines, has_nul: bool, p: Parsed,
              slow_events: list, source: str, rx: re.Pattern = _CDR_RX) -> None:
-        B = np.array(rows, f"S{max(map(len, rows)) + 1}")
-        if B.dtype.itemsize == 0:
-            B = B.astype("S1")
-        m = matrix(B)
-        st, en, dstart, ok, cand = _cdr_times(B, m)
+        f = _cdr_fields(rows, has_nul, self.key_width)
+        assert f.A is not None and f.m is not None
         rt = _Rows(rows, chunk, rx, 1, 0)
-        cut = self._cut_rows("cdr", B, m, cand, rt.text)
-        ok &= ~cut
-        # the duration only matters as zero (a dialog never answered: Kamailio
-        # writes "0") or not; its digits are checked, not converted
-        du_end = S.find(B, b";", starts(dstart))
-        p_c = S.find(B, b"; call_id=", starts(du_end))
-        ok &= (dstart > 0) & (du_end > dstart) & (p_c >= du_end)
-        du_f = field(B, dstart, du_end, m)
-        du_digits = S.replace(du_f, b".", b"", 1)
-        ok &= S.isdigit(du_digits)
-        du = S.str_len(S.lstrip(du_digits, b"0"))          # 0 for a zero duration
-        c_end = S.find(B, b";", starts(p_c + 10))
-        c_end = np.where(c_end < 0, S.str_len(B), c_end)
-        cid = S.rstrip(field(B, p_c + 10, c_end, m), b" \t\r")
-        kok, too_long, odd = key_check(cid, self.key_width, has_nul)
-        ok &= ~odd & (S.find(cid, b"#") < 0)      # rsyslog escapes: the careful parser strips them
-        if has_nul:
-            ok &= np.array([b"\x00" not in r for r in rows], bool)
-        good = ok & kok
-        answered = good & (du != 0)
-        p.failed += int(np.count_nonzero(good & (du == 0)))
+        cut = self._cut_rows("cdr", f.A, f.m, f.cand, rt.text)
+        self._cdr_finish(f, cut, rt, lines, p, slow_events, source)
+
+    def _cdr_finish(self, f: "_CdrFields", cut: np.ndarray, rt: _Rows, lines: ChunkLines,
+                    p: Parsed, slow_events: list, source: str) -> None:
+        """Counts, problems and CDRs of the CDR rows, from their fields."""
+        ok = f.ok & ~cut
+        answered_du = f.answered
+        good = ok & f.kok
+        answered = good & answered_du
+        p.failed += int(np.count_nonzero(good & ~answered_du))
         p.cdr_lines += int(np.count_nonzero(good))
-        tl = np.flatnonzero(ok & too_long & (du != 0))
-        p.cdr_lines += int(np.count_nonzero(ok & too_long)) - len(tl)
-        p.failed += int(np.count_nonzero(ok & too_long & (du == 0)))
-        self._slow_rows("cdr", p, cid, tl, np.flatnonzero(~ok & cand), cut, rt, slow_events,
+        tl = np.flatnonzero(ok & f.too_long & answered_du)
+        p.cdr_lines += int(np.count_nonzero(ok & f.too_long)) - len(tl)
+        p.failed += int(np.count_nonzero(ok & f.too_long & ~answered_du))
+        self._slow_rows("cdr", p, f.cid, tl, np.flatnonzero(~ok & f.cand), cut, rt, slow_events,
                         source, lines)
-        keys, s2, e2 = cid[answered], st[answered], en[answered]
+        keys, s2, e2 = f.cid[answered], f.st[answered], f.en[answered]
         if slow_events:
             keys, s2, e2 = _merge(np.flatnonzero(answered), keys, s2, e2, slow_events)
         p.cdr_keys, p.cdr_start, p.cdr_end = keys, s2, e2
         slow_events.clear()
+
+    def _scanned(self, chunk: bytes, cdr: bool) -> tuple | None:
+        """The compiled scanner's rows of one kind (None if there are none), as arrays.
+
+        The common rows are read by the scanner; ``gen`` lists the others, which
+        the numpy path reads.
+        """
+        assert _scan is not None
+        n, *cols, bol = _scan.rows(chunk, cdr)
+        if cdr:
+            self._bol_seen = bol
+        if not n:
+            return None
+        self._in_pass = 0
+        off, ln, t, t2, cat, clen, craw, tail = (np.frombuffer(c, np.int64) for c in cols[:8])
+        fl = np.frombuffer(cols[8], np.uint8)
+        simple = (fl & _scan.SIMPLE) != 0
+        skip = 5 if not cdr else 0
+        start = off + skip
+        sel = np.flatnonzero(simple)
+        gen = np.flatnonzero(~simple)
+        rows = [chunk[a:a + b] for a, b in zip(start[gen].tolist(), ln[gen].tolist())] \
+            if len(gen) else []
+        a_abs = start + tail
+        rend = start + ln
+
+        def take(at: np.ndarray, length: np.ndarray, k: int) -> np.ndarray:
+            assert _scan is not None
+            b = _scan.take(chunk, np.ascontiguousarray(at, np.int64),
+                           np.ascontiguousarray(length, np.int64), k)
+            return np.frombuffer(bytearray(b), np.uint8).reshape(len(at), k)
+
+        def tails(k: int, rows: np.ndarray | None = None) -> np.ndarray:
+            aa, ee = (a_abs, rend) if rows is None else (a_abs[rows], rend[rows])
+            return take(aa, ee - aa, k)
+
+        def cids(k: int) -> np.ndarray:
+            """The simple rows' Call-IDs, as an S``k`` array."""
+            return take(start[sel] + cat[sel], clen[sel], k).view(f"S{k}").reshape(len(sel))
+
+        rt = _Rows(None, chunk, _CDR_RX if cdr else _ACC_RX, 1 if cdr else 0, skip, off, ln)
+        return (n, fl, simple, sel, gen, rows, t.copy(), t2.copy(), clen, craw, cids, tails,
+                rt)
+
+    def _cdr_scanned(self, chunk: bytes, lines: ChunkLines, p: Parsed, slow_events: list,
+                     source: str) -> None:
+        """:meth:`_cdr` with the compiled scanner (no NUL in chunk, CDR lines after a space)."""
+        r = self._scanned(chunk, True)
+        if r is None:
+            if slow_events:             # OpenSIPS "ACC: call ended" CDRs and no Kamailio CDR
+                p.cdr_keys, p.cdr_start, p.cdr_end = _merge(
+                    np.empty(0, np.int64), np.empty(0, "S1"), np.empty(0, np.int64),
+                    np.empty(0, np.int64), slow_events)
+            return
+        n, fl, simple, sel, gen, rows, st, en, clen, craw, cids, tails, rt = r
+        assert _scan is not None
+        ok = simple.copy()
+        cand = simple.copy()
+        answered = (fl & _scan.ANSWERED) != 0
+        too_long = clen > self.key_width if self.key_width else np.zeros(n, bool)
+        kok = ~too_long
+        k = int(craw[sel].max()) if len(sel) else 0
+        g = None
+        if len(gen):
+            g = _cdr_fields(rows, False, self.key_width)
+            ok[gen], cand[gen], st[gen], en[gen] = g.ok, g.cand, g.st, g.en
+            answered[gen], kok[gen], too_long[gen] = g.answered, g.kok, g.too_long
+            k = max(k, g.cid.dtype.itemsize)
+        k = max(k, 1)
+        cid = np.zeros(n, f"S{k}")
+        if len(sel):
+            cid[sel] = cids(k)
+        if g is not None:
+            cid[gen] = g.cid
+        cut = self._cut_by_tails("cdr", tails, cand, rt.text)
+        self._cdr_finish(_CdrFields(None, None, ok, cand, st, en, answered, cid, kok, too_long),
+                         cut, rt, lines, p, slow_events, source)
+
+class _AccFields(NamedTuple):
+    """What the acc rows' own texts say, before the cut-short check (one entry per row)."""
+
+    A: np.ndarray | None
+    m: np.ndarray | None
+    ok: np.ndarray            # the numpy path may take the row (Call-ID length aside)
+    t: np.ndarray
+    is_inv: np.ndarray
+    is_bye: np.ndarray
+    missed: np.ndarray
+    ended: np.ndarray
+    two: np.ndarray           # a 2xx, not "call missed"
+    cid: np.ndarray
+    kok: np.ndarray
+    too_long: np.ndarray
+
+
+def _acc_fields(rows: list[bytes], has_nul: bool, key_width: int | None) -> _AccFields:
+    """Read the acc rows' fields with numpy (the reference fast path)."""
+    # one byte wider than the longest row: every row ends with a NUL (see _cut_rows)
+    A = np.array(rows, f"S{max(map(len, rows)) + 1}")
+    if A.dtype.itemsize == 0:
+        A = A.astype("S1")
+    m = matrix(A)
+    # "<kind>: timestamp=S[;name=value...];method=M;from_tag=..;to_tag=..;call_id=C;code=NNN"
+    kpos = S.find(A, b": timestamp=")
+    p_m = S.find(A, b";method=", starts(kpos))
+    p_c = S.find(A, b";call_id=", starts(p_m))
+    p_k = S.find(A, b";code=", starts(p_c))
+    ok = (kpos > 0) & (p_m > kpos) & (p_c > p_m) & (p_k > p_c)
+    missed = S.startswith(A, b"call missed: ")
+    ended = S.startswith(A, b"call ended: ")
+    ok &= ~ended
+    t, tok = _acc_times(A, m, kpos, p_m, ok)
+    ok &= tok
+    # the method: INVITE and BYE at a glance, anything else checked as a token
+    g = gather(m, p_m + 8, None, 7)
+    is_inv = (g == _INVITE).all(axis=1)
+    is_bye = (g[:, :4] == _BYE).all(axis=1)
+    other = np.flatnonzero(ok & ~is_inv & ~is_bye)
+    if len(other):
+        sub = A[other]
+        me = find_in(sub, b";", p_m[other] + 8, p_c[other] + 1)
+        ok[other] &= S.isalpha(field(sub, p_m[other] + 8, me))
+    # the code: three digits, then ';' or the end of the line
+    g = gather(m, p_k + 6, None, 4)
+    ok &= ((g[:, :3] >= 48) & (g[:, :3] <= 57)).all(axis=1) & ((g[:, 3] == 59) | (g[:, 3] == 0))
+    c0 = g[:, 0]
+    cid = field(A, p_c + 9, p_k, m)
+    kok, too_long, odd = key_check(cid, key_width, has_nul)
+    ok &= ~odd
+    if has_nul:
+        ok &= np.array([b"\x00" not in r for r in rows], bool)
+    two = (c0 == 50) & ~missed                  # 2xx
+    return _AccFields(A, m, ok, t, is_inv, is_bye, missed, ended, two, cid, kok, too_long)
+
+
+class _CdrFields(NamedTuple):
+    """What the CDR rows' own texts say, before the cut-short check (one entry per row)."""
+
+    A: np.ndarray | None
+    m: np.ndarray | None
+    ok: np.ndarray            # the numpy path may take the row (Call-ID length aside)
+    cand: np.ndarray          # a CDR row at all (has an end_time=)
+    st: np.ndarray
+    en: np.ndarray
+    answered: np.ndarray      # the duration is not zero
+    cid: np.ndarray
+    kok: np.ndarray
+    too_long: np.ndarray
+
+
+def _cdr_fields(rows: list[bytes], has_nul: bool, key_width: int | None) -> _CdrFields:
+    """Read the CDR rows' fields with numpy (the reference fast path)."""
+    B = np.array(rows, f"S{max(map(len, rows)) + 1}")
+    if B.dtype.itemsize == 0:
+        B = B.astype("S1")
+    m = matrix(B)
+    st, en, dstart, ok, cand = _cdr_times(B, m)
+    # the duration only matters as zero (a dialog never answered: Kamailio
+    # writes "0") or not; its digits are checked, not converted
+    du_end = S.find(B, b";", starts(dstart))
+    p_c = S.find(B, b"; call_id=", starts(du_end))
+    ok &= (dstart > 0) & (du_end > dstart) & (p_c >= du_end)
+    du_f = field(B, dstart, du_end, m)
+    du_digits = S.replace(du_f, b".", b"", 1)
+    ok &= S.isdigit(du_digits)
+    du = S.str_len(S.lstrip(du_digits, b"0"))          # 0 for a zero duration
+    c_end = S.find(B, b";", starts(p_c + 10))
+    c_end = np.where(c_end < 0, S.str_len(B), c_end)
+    cid = S.rstrip(field(B, p_c + 10, c_end, m), b" \t\r")
+    kok, too_long, odd = key_check(cid, key_width, has_nul)
+    ok &= ~odd & (S.find(cid, b"#") < 0)      # rsyslog escapes: the careful parser strips them
+    if has_nul:
+        ok &= np.array([b"\x00" not in r for r in rows], bool)
+    return _CdrFields(B, m, ok, cand, st, en, du != 0, cid, kok, too_long)
+
 
 _INVITE = np.frombuffer(b"INVITE;", np.uint8)
 _BYE = np.frombuffer(b"BYE;", np.uint8)
@@ -732,7 +962,9 @@ def _acc_times_general(A: np.ndarray, m: np.ndarray, kpos: np.ndarray, p_m: np.n
     need = ~have_t
     if need.any():
         ts, tok = digits(m, t0, ts_end, 12)
-        ok &= tok | have_t
+        # seconds whose nanoseconds (and microseconds) pass int64 would wrap: the
+        # careful parser decides those rows
+        ok &= (tok & (ts <= _I64_MAX // _NS - 1)) | have_t
         ts_ns = ts * _NS
         if ext is not None and ext.any():
             u, uok = digits(m, eq + 1, v_end, 6)
