@@ -686,7 +686,6 @@ class CallTable(SingleKeyOps):
             return report
 
 
-
 class _SharedReadCallTable(CallTable):
     """A :class:`CallTable` handle in the shared read mode (set by ``__init__``)."""
 
