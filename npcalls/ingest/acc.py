@@ -568,6 +568,11 @@ class AccParser:
         cut = self._cut_rows("acc", f.A, f.m, ~f.ended, rt.text)
         self._acc_finish(f, cut, rt, lines, p, slow_events, source)
 
+    def _too_long(self, clen: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows whose Call-ID (of the scanner's lengths ``clen``) passes the key width, and the rest."""
+        too_long = clen > self.key_width if self.key_width else np.zeros(n, bool)
+        return too_long, ~too_long
+
     def _acc_scanned(self, chunk: bytes, lines: ChunkLines, p: Parsed, slow_events: list,
                      source: str) -> None:
         """:meth:`_acc` with the compiled scanner: it finds the rows and reads those of the
@@ -583,21 +588,13 @@ class AccParser:
         is_bye = (fl & _scan.BYE) != 0
         two = ((fl & _scan.TWO) != 0) & ~missed
         ok = simple.copy()
-        too_long = clen > self.key_width if self.key_width else np.zeros(n, bool)
-        kok = ~too_long
-        k = int(craw[sel].max()) if len(sel) else 0
+        too_long, kok = self._too_long(clen, n)
         g = None
         if len(gen):
             g = _acc_fields(rows, False, self.key_width)
             ok[gen], t[gen], is_inv[gen], is_bye[gen] = g.ok, g.t, g.is_inv, g.is_bye
             two[gen], kok[gen], too_long[gen] = g.two, g.kok, g.too_long
-            k = max(k, g.cid.dtype.itemsize)
-        k = max(k, 1)
-        cid = np.zeros(n, f"S{k}")
-        if len(sel):
-            cid[sel] = cids(k)
-        if g is not None:
-            cid[gen] = g.cid
+        cid = _join_cids(n, sel, craw, cids, gen, None if g is None else g.cid)
         cut = self._cut_by_tails("acc", tails, ~ended, rt.text)
         self._acc_finish(_AccFields(None, None, ok, t, is_inv, is_bye, missed, ended, two, cid,
                                     kok, too_long), cut, rt, lines, p, slow_events, source)
@@ -764,24 +761,34 @@ class AccParser:
         ok = simple.copy()
         cand = simple.copy()
         answered = (fl & _scan.ANSWERED) != 0
-        too_long = clen > self.key_width if self.key_width else np.zeros(n, bool)
-        kok = ~too_long
-        k = int(craw[sel].max()) if len(sel) else 0
+        too_long, kok = self._too_long(clen, n)
         g = None
         if len(gen):
             g = _cdr_fields(rows, False, self.key_width)
             ok[gen], cand[gen], st[gen], en[gen] = g.ok, g.cand, g.st, g.en
             answered[gen], kok[gen], too_long[gen] = g.answered, g.kok, g.too_long
-            k = max(k, g.cid.dtype.itemsize)
-        k = max(k, 1)
-        cid = np.zeros(n, f"S{k}")
-        if len(sel):
-            cid[sel] = cids(k)
-        if g is not None:
-            cid[gen] = g.cid
+        cid = _join_cids(n, sel, craw, cids, gen, None if g is None else g.cid)
         cut = self._cut_by_tails("cdr", tails, cand, rt.text)
         self._cdr_finish(_CdrFields(None, None, ok, cand, st, en, answered, cid, kok, too_long),
                          cut, rt, lines, p, slow_events, source)
+
+
+def _join_cids(n: int, sel: np.ndarray, craw: np.ndarray,
+               cids: Callable[[int], np.ndarray], gen: np.ndarray,
+               gen_cid: np.ndarray | None) -> np.ndarray:
+    """The rows' Call-IDs in one ``S`` array: the scanner's (rows ``sel``, copied out by
+    ``cids(width)``) and the numpy path's (rows ``gen``), at the width of the longest."""
+    k = int(craw[sel].max()) if len(sel) else 0
+    if gen_cid is not None:
+        k = max(k, gen_cid.dtype.itemsize)
+    k = max(k, 1)
+    cid = np.zeros(n, f"S{k}")
+    if len(sel):
+        cid[sel] = cids(k)
+    if gen_cid is not None:
+        cid[gen] = gen_cid
+    return cid
+
 
 class _AccFields(NamedTuple):
     """What the acc rows' own texts say, before the cut-short check (one entry per row)."""
@@ -800,13 +807,18 @@ class _AccFields(NamedTuple):
     too_long: np.ndarray
 
 
-def _acc_fields(rows: list[bytes], has_nul: bool, key_width: int | None) -> _AccFields:
-    """Read the acc rows' fields with numpy (the reference fast path)."""
-    # one byte wider than the longest row: every row ends with a NUL (see _cut_rows)
+def _rows_array(rows: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows as an ``S`` array one byte wider than the longest row (so every row
+    ends with a NUL, see _cut_rows) and its byte matrix."""
     A = np.array(rows, f"S{max(map(len, rows)) + 1}")
     if A.dtype.itemsize == 0:
         A = A.astype("S1")
-    m = matrix(A)
+    return A, matrix(A)
+
+
+def _acc_fields(rows: list[bytes], has_nul: bool, key_width: int | None) -> _AccFields:
+    """Read the acc rows' fields with numpy (the reference fast path)."""
+    A, m = _rows_array(rows)
     # "<kind>: timestamp=S[;name=value...];method=M;from_tag=..;to_tag=..;call_id=C;code=NNN"
     kpos = S.find(A, b": timestamp=")
     p_m = S.find(A, b";method=", starts(kpos))
@@ -857,10 +869,7 @@ class _CdrFields(NamedTuple):
 
 def _cdr_fields(rows: list[bytes], has_nul: bool, key_width: int | None) -> _CdrFields:
     """Read the CDR rows' fields with numpy (the reference fast path)."""
-    B = np.array(rows, f"S{max(map(len, rows)) + 1}")
-    if B.dtype.itemsize == 0:
-        B = B.astype("S1")
-    m = matrix(B)
+    B, m = _rows_array(rows)
     st, en, dstart, ok, cand = _cdr_times(B, m)
     # the duration only matters as zero (a dialog never answered: Kamailio
     # writes "0") or not; its digits are checked, not converted
