@@ -53,7 +53,6 @@ _W_LOCK = W["lock_ino"]
 _SLOW = 1 | protocol.WSEQ_WRAP    # wseq bits that send a write to the general path
 _W_DURSUM, _W_DUR0 = W["dur_sum_us"], W["dur_bucket_0"]
 _U64 = struct.Struct("<Q")
-_I64 = struct.Struct("<q")
 _DUR0_OFF, _DURSUM_OFF = _W_DUR0 * 8, _W_DURSUM * 8
 _M64 = 0xFFFFFFFFFFFFFFFF
 
@@ -87,9 +86,6 @@ class SingleKeyOps:
     _lockfile: LockFile | None
     _limit: int
     _tomb_limit: int
-    _kw: int
-    _kf: int
-    _seed: int
     _path: str
     _lock_path: str
     _closed: bool
