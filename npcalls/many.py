@@ -135,27 +135,9 @@ def get_many(keys: Any, codec: KeyCodec, lookup: Callable[[np.ndarray, np.ndarra
     """Look up a batch with ``lookup(tag, keyq)`` (the handle's reader lookup)."""
     check_errors_arg(errors)
     batch = batching.as_batch(keys)
-    if len(batch) > batching.SLICE:
-        return _get_many_sliced(batch, codec, lookup)     # bounded memory
-    keyq, tag, enc = encode(batch, codec)
-    n = len(tag)
-    valid = _valid_index(n, enc.bad)
-    if valid is None:
-        f = lookup(tag, keyq)
-        res = GetManyResult(f.start, f.end, f.slot >= 0)
-    else:
-        f = lookup(tag[valid], keyq[valid])
-        start = np.full(n, NOT_SET, np.int64)
-        end = np.full(n, NOT_SET, np.int64)
-        found = np.zeros(n, bool)
-        start[valid], end[valid], found[valid] = f.start, f.end, f.slot >= 0
-        res = GetManyResult(start, end, found)
-    return Outcome(res, enc.bad, enc.reasons, f.rounds)
-
-
-def _get_many_sliced(batch: Any, codec: KeyCodec,
-                     lookup: Callable[[np.ndarray, np.ndarray], Found]) -> Outcome:
-    """:func:`get_many` of a large batch, slice by slice."""
+    if len(batch) <= batching.SLICE:
+        return _get(batch, codec, lookup)
+    # bounded memory: slice by slice
     n = len(batch)
     start = np.full(n, NOT_SET, np.int64)
     end = np.full(n, NOT_SET, np.int64)
@@ -163,21 +145,32 @@ def _get_many_sliced(batch: Any, codec: KeyCodec,
     rounds = [0]
 
     def step(a: int, b: int) -> tuple[np.ndarray, list]:
-        keyq, tag, enc = encode(batch[a:b], codec)
-        valid = _valid_index(b - a, enc.bad)
-        if valid is None:
-            f = lookup(tag, keyq)
-            start[a:b], end[a:b], found[a:b] = f.start, f.end, f.slot >= 0
-            rounds.append(f.rounds)
-        elif len(valid):
-            f = lookup(tag[valid], keyq[valid])
-            at = valid + a
-            start[at], end[at], found[at] = f.start, f.end, f.slot >= 0
-            rounds.append(f.rounds)
-        return enc.bad, enc.reasons
+        out = _get(batch[a:b], codec, lookup)
+        start[a:b], end[a:b], found[a:b] = out.result
+        if out.rounds is not None:
+            rounds.append(out.rounds)
+        return out.bad, out.reasons
 
     bad, reasons = batching.run_in_slices(n, batching.SLICE, step)
     return Outcome(GetManyResult(start, end, found), bad, reasons, max(rounds))
+
+
+def _get(batch: Any, codec: KeyCodec,
+         lookup: Callable[[np.ndarray, np.ndarray], Found]) -> Outcome:
+    """:func:`get_many` of a batch of at most :data:`~npcalls.batching.SLICE` keys."""
+    keyq, tag, enc = encode(batch, codec)
+    n = len(tag)
+    valid = _valid_index(n, enc.bad)
+    if valid is None:
+        f = lookup(tag, keyq)
+        return Outcome(GetManyResult(f.start, f.end, f.slot >= 0), enc.bad, enc.reasons,
+                       f.rounds)
+    f = lookup(tag[valid], keyq[valid])
+    start = np.full(n, NOT_SET, np.int64)
+    end = np.full(n, NOT_SET, np.int64)
+    found = np.zeros(n, bool)
+    start[valid], end[valid], found[valid] = f.start, f.end, f.slot >= 0
+    return Outcome(GetManyResult(start, end, found), enc.bad, enc.reasons, f.rounds)
 
 
 # ----------------------------------------------------------------------------- writes
