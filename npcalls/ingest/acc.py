@@ -471,7 +471,9 @@ class AccParser:
         elif cdr_rows:
             self._in_pass = 0
             self._cdr(cdr_rows, chunk, lines, has_nul, p, slow_events, source, cdr_rx)
-        elif slow_events:           # OpenSIPS "ACC: call ended" CDRs and no Kamailio CDR
+        # OpenSIPS "ACC: call ended" CDRs and no Kamailio CDR row: a CDR pass that ran
+        # merged (and cleared) them already
+        if slow_events:
             p.cdr_keys, p.cdr_start, p.cdr_end = _merge(
                 np.empty(0, np.int64), np.empty(0, "S1"), np.empty(0, np.int64),
                 np.empty(0, np.int64), slow_events)
@@ -751,10 +753,6 @@ class AccParser:
         """:meth:`_cdr` with the compiled scanner (no NUL in chunk, CDR lines after a space)."""
         r = self._scanned(chunk, True)
         if r is None:
-            if slow_events:             # OpenSIPS "ACC: call ended" CDRs and no Kamailio CDR
-                p.cdr_keys, p.cdr_start, p.cdr_end = _merge(
-                    np.empty(0, np.int64), np.empty(0, "S1"), np.empty(0, np.int64),
-                    np.empty(0, np.int64), slow_events)
             return
         n, fl, simple, sel, gen, rows, st, en, clen, craw, cids, tails, rt = r
         assert _scan is not None
