@@ -158,3 +158,42 @@ def test_keys_sharing_one_tag_are_kept_apart(make_table, monkeypatch, n):
     monkeypatch.undo()
     report = t.check()
     assert not report.ok and any("tag" in p for p in report.problems), report
+
+
+_HOLDER = """
+import sys, time
+import npcalls
+t = npcalls.CallTable.open(sys.argv[1])
+with t.locked():
+    t.start("from-the-other-process", 1)     # takes over the (new) lock file
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+t.close()
+"""
+
+
+def test_remove_waits_for_a_writer_of_another_process_after_the_lock_file_was_replaced(
+        make_table):
+    """The lock file is deleted under a handle; another process re-creates it and holds
+    the lock. remove()'s fast path must notice that its lock is not the table's and wait,
+    not remove under the other writer's feet."""
+    import os
+    import subprocess
+    import sys
+    import time
+    t = make_table(256)
+    assert t.start("victim", 5)
+    os.unlink(t.lock_path)
+    hold = 1.5
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, t.path, str(hold)],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        assert t.remove("victim")
+        waited = time.monotonic() - t0
+    finally:
+        assert p.wait(timeout=60) == 0
+    assert waited > hold / 2, waited
+    assert t.get("victim") is None and t.get("from-the-other-process") == (1, -2**63)
+    assert t.check().ok
